@@ -1,0 +1,1 @@
+_core_py.py

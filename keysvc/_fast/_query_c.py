@@ -1,0 +1,1 @@
+_query_py.py

@@ -1,0 +1,574 @@
+"""The node's LMDB store: two environments and a change hint, under one data directory.
+
+    <data_dir>/store/     records and their indexes; every commit is synced (durable)
+    <data_dir>/counters/  rate-limit windows and credit balances; sync off, writemap on
+    <data_dir>/changes.hint  8 bytes, mmap'd: the newest change-log sequence number
+
+Why two environments: a verification with a rate limit or credits is one write transaction
+in `counters` (about 1.3 us with writemap and no fsync), while a key record is fsynced on
+commit (about 250 us). A process killed at any moment loses nothing committed in either:
+the pages are in the OS page cache, and LMDB's copy-on-write commit is atomic. Only an OS
+crash or power loss can lose the counters' last unsynced commits (see `sync_counters`).
+
+Why the hint: each worker caches decoded key records. Every write that changes what a
+verification would see appends the key id to the `changes` log in the same transaction and
+raises the hint before commit; a worker compares the hint with the last sequence it applied
+on every verification (one 8-byte read) and replays the log only when it moved. So a
+change is visible to the next verification on every worker, at the cost of no syscall.
+
+Environments are opened in the process that uses them (after Granian forks its workers),
+never at import: `LmdbStore(...)` checks the pid on every `write()`/`read()`.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgspec
+
+from . import records as r
+from .errors import NewerSchemaError, StoreError, StoreFullError, StoreLockedError, StoreUnreadableError
+
+SCHEMA_VERSION = 1
+
+GiB = 1 << 30
+
+_U64 = struct.Struct("<Q")
+_SEQ = struct.Struct(">Q")  # big-endian so that LMDB's byte order is numeric order
+_CREDITS = struct.Struct("<qq")  # remaining, last_refill_at (ms)
+
+# Index keys of the hash table carry the algorithm, so both kinds can live side by side.
+HASH_BLAKE3 = b"\x01"
+HASH_SHA256 = b"\x02"
+_HASH_TAG = {"blake3": HASH_BLAKE3, "sha256": HASH_SHA256}
+
+CHANGE_ALL = b"*"  # a change log entry that invalidates every cached record
+
+_STORE_DBS = (
+    b"meta", b"apis", b"keys", b"key_hash", b"keys_by_keyspace", b"identities", b"identity_by_external_id",
+    b"keys_by_identity", b"permissions", b"permission_by_slug", b"roles", b"role_by_name", b"namespaces",
+    b"namespace_by_name", b"overrides", b"changes",
+)
+_COUNTER_DBS = (b"ratelimits", b"credits")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    data_dir: str = "./keysvc-data"
+    # Sparse: the files grow with the data, so a generous map costs nothing up front, and no
+    # process ever has to grow the map under the others (MDB_MAP_RESIZED).
+    map_size: int = 64 * GiB
+    counters_map_size: int = 8 * GiB
+    max_readers: int = 1024
+    change_log_size: int = 100_000
+
+
+_encoders = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def encode(record: msgspec.Struct) -> bytes:
+    return _encoders.encode(record)
+
+
+def decode(kind: type, data: bytes) -> Any:
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    return decoder.decode(data)
+
+
+def _pair(a: str, b: str) -> bytes:
+    return f"{a}\x00{b}".encode()
+
+
+def translate_lmdb_error(exc: BaseException, where: str) -> StoreError:
+    """One clear message for each way LMDB can refuse, naming the cause."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, lmdb.MapFullError):
+        return StoreFullError(
+            f"the store at {where} is full: its map size is used up. Raise storage.map_size "
+            f"(or storage.counters_map_size) in the config and restart; nothing was written"
+        )
+    if isinstance(exc, lmdb.DiskError) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        return StoreFullError(f"the disk holding {where} is full; nothing was written")
+    text = str(exc)
+    if isinstance(exc, (lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.CorruptedError)):
+        return StoreUnreadableError(f"{where} is not a readable keysvc store ({text})")
+    if isinstance(exc, PermissionError) or "Permission denied" in text or "Read-only file system" in text:
+        return StoreUnreadableError(f"cannot open {where}: permission denied or read-only ({text})")
+    if isinstance(exc, lmdb.LockError) or "Resource temporarily unavailable" in text:
+        return StoreLockedError(f"{where} is locked by another process ({text})")
+    if isinstance(exc, NotADirectoryError) or "Not a directory" in text:
+        return StoreUnreadableError(f"{where} is not a directory")
+    return StoreError(f"the store at {where} failed: {text}")
+
+
+class LmdbStore:
+    """Opens (creating if needed) the node's store in this process."""
+
+    def __init__(self, config: StoreConfig | None = None) -> None:
+        self.config = config = config or StoreConfig()
+        self.pid = os.getpid()
+        self.path = path = Path(config.data_dir)
+        try:
+            old_umask = os.umask(0o077)
+            try:
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+                if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+                    raise PermissionError(errno.EACCES, "Permission denied", str(path))
+                self.store_env = self._open(path / "store", config.map_size, sync=True)
+                self.counters_env = self._open(path / "counters", config.counters_map_size, sync=False, writemap=True)
+                self._hint_file, self.hint = self._open_hint(path / "changes.hint")
+            finally:
+                os.umask(old_umask)
+            self.dbs = {name.decode(): self.store_env.open_db(name) for name in _STORE_DBS}
+            self.ratelimit_db = self.counters_env.open_db(b"ratelimits")
+            self.credits_db = self.counters_env.open_db(b"credits")
+            self._check_schema()
+        except (lmdb.Error, OSError) as exc:
+            raise translate_lmdb_error(exc, str(path)) from None
+
+    def _open(self, path: Path, map_size: int, **flags: bool) -> lmdb.Environment:
+        path.mkdir(mode=0o700, exist_ok=True)
+        env = lmdb.open(
+            str(path), map_size=map_size, max_dbs=len(_STORE_DBS) + 2, max_readers=self.config.max_readers,
+            mode=0o600, metasync=flags.get("sync", True), readahead=False, **flags,
+        )
+        # Slots of readers killed with SIGKILL would otherwise stay taken until the slots run out.
+        env.reader_check()
+        return env
+
+    @staticmethod
+    def _open_hint(path: Path) -> tuple[Any, mmap.mmap]:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(fd).st_size < mmap.PAGESIZE:
+            os.ftruncate(fd, mmap.PAGESIZE)
+        hint = mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        return os.fdopen(fd, "rb"), hint
+
+    def _check_schema(self) -> None:
+        with self.store_env.begin(write=True, db=self.dbs["meta"]) as txn:
+            stored = txn.get(b"schema_version")
+            if stored is None:
+                txn.put(b"schema_version", str(SCHEMA_VERSION).encode())
+            elif int(stored) > SCHEMA_VERSION:
+                raise NewerSchemaError(
+                    f"{self.path} was written by a newer keysvc (store schema version {int(stored)}; this "
+                    f"keysvc reads up to {SCHEMA_VERSION}). Upgrade keysvc, or restore a backup made by this version"
+                )
+
+    def close(self) -> None:
+        if self.pid != os.getpid():
+            return  # the parent's handles are not ours to close
+        self.hint.close()
+        self._hint_file.close()
+        self.store_env.close()
+        self.counters_env.close()
+
+    def _check_pid(self) -> None:
+        if self.pid != os.getpid():
+            raise StoreError("an LMDB store opened before fork() was used in the child; open it in each worker")
+
+    # -- writes -------------------------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[WriteTxn]:
+        """One durable transaction over the records. Raises StoreError, never an lmdb error."""
+        self._check_pid()
+        try:
+            with self.store_env.begin(write=True) as txn:
+                writer = WriteTxn(self, txn)
+                yield writer
+                writer.log_changes()
+        except (lmdb.Error, OSError) as exc:
+            self._restore_hint()
+            raise translate_lmdb_error(exc, str(self.path)) from None
+
+    def _restore_hint(self) -> None:
+        # A failed commit may have raised the hint past the log: put it back, so readers do not
+        # look for a change that never landed on every verification until the next one does.
+        with self.store_env.begin(db=self.dbs["changes"]) as txn:
+            cursor = txn.cursor()
+            last = _SEQ.unpack(cursor.key())[0] if cursor.last() else 0
+        _U64.pack_into(self.hint, 0, last)
+
+    @contextmanager
+    def read(self) -> Iterator[ReadTxn]:
+        self._check_pid()
+        try:
+            with self.store_env.begin() as txn:
+                yield ReadTxn(self, txn)
+        except (lmdb.Error, OSError) as exc:
+            raise translate_lmdb_error(exc, str(self.path)) from None
+
+    # -- credit balances (counters environment) ------------------------------------------------
+
+    def get_credits(self, key_id: str) -> tuple[int, int] | None:
+        self._check_pid()
+        with self.counters_env.begin(db=self.credits_db) as txn:
+            raw = txn.get(key_id.encode())
+        return None if raw is None else _CREDITS.unpack(raw)
+
+    def update_credits(self, key_id: str, update: Any) -> tuple[int, int] | None:
+        """Atomically replace a balance with `update(current or None)` (None deletes it)."""
+        self._check_pid()
+        try:
+            with self.counters_env.begin(write=True, db=self.credits_db) as txn:
+                raw = txn.get(key_id.encode())
+                new = update(None if raw is None else _CREDITS.unpack(raw))
+                if new is None:
+                    txn.delete(key_id.encode())
+                else:
+                    txn.put(key_id.encode(), _CREDITS.pack(*new))
+            self.sync_counters()
+        except (lmdb.Error, OSError) as exc:
+            raise translate_lmdb_error(exc, str(self.path)) from None
+        return new
+
+    def set_credits_many(self, balances: list[tuple[str, int, int]]) -> None:
+        """Set (key id, remaining, last refill) balances in one transaction, synced."""
+        self._check_pid()
+        try:
+            with self.counters_env.begin(write=True, db=self.credits_db) as txn:
+                for key_id, remaining, last_refill_at in balances:
+                    txn.put(key_id.encode(), _CREDITS.pack(remaining, last_refill_at))
+            self.sync_counters()
+        except (lmdb.Error, OSError) as exc:
+            raise translate_lmdb_error(exc, str(self.path)) from None
+
+    def sync_counters(self) -> None:
+        """Flush the counters environment to disk: bounds what an OS crash could lose."""
+        self.counters_env.sync(True)
+
+    def sweep_ratelimits(self, now_ms: int, max_items: int = 10_000, start: bytes = b"") -> bytes:
+        """Delete rate-limit cells whose both windows have passed; resumable from the returned key."""
+        from keysvc._fast import cell_is_expired
+
+        self._check_pid()
+        with self.counters_env.begin(write=True, db=self.ratelimit_db) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(start):
+                return b""
+            for _ in range(max_items):
+                if cell_is_expired(cursor.key(), cursor.value(), now_ms):
+                    if not cursor.delete():
+                        return b""
+                elif not cursor.next():
+                    return b""
+            return cursor.key()
+
+    # -- what the hot path reads -----------------------------------------------------------------
+
+    def change_hint(self) -> int:
+        return _U64.unpack_from(self.hint, 0)[0]
+
+    def changes_since(self, seq: int) -> tuple[int, list[bytes] | None]:
+        """The key ids changed after `seq` and the last sequence read; None means 'all of them'
+        (the log no longer reaches back to `seq`, or an entry says so)."""
+        changed: list[bytes] = []
+        with self.store_env.begin(db=self.dbs["changes"]) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(_SEQ.pack(seq + 1)):
+                return seq, changed
+            first = _SEQ.unpack(cursor.key())[0]
+            last = seq
+            everything = first != seq + 1
+            for key, value in cursor:
+                last = _SEQ.unpack(key)[0]
+                if value == CHANGE_ALL:
+                    everything = True
+                elif not everything:
+                    changed.append(value)
+        return last, None if everything else changed
+
+    def resolve_key(self, key: str, digest: bytes) -> r.VerificationRecord | None:
+        """The live key with this plaintext (given with its blake3 digest), with what its
+        identity, roles and permissions add. Keys imported by their Unkey SHA-256 hash are
+        looked up too, only when the store holds any, so unknown keys cost one hash."""
+        with self.read() as reader:
+            record = reader.resolve(digest, "blake3")
+            if record is None and reader.meta_int(b"sha256_keys") > 0:
+                record = reader.resolve(hashlib.sha256(key.encode()).digest(), "sha256")
+            return record
+
+
+class ReadTxn:
+    def __init__(self, store: LmdbStore, txn: lmdb.Transaction) -> None:
+        self.store = store
+        self.txn = txn
+        self.dbs = store.dbs
+
+    def _get(self, kind: type, db: str, key: bytes) -> Any:
+        raw = self.txn.get(key, db=self.dbs[db])
+        return None if raw is None else decode(kind, raw)
+
+    def meta_int(self, name: bytes) -> int:
+        raw = self.txn.get(name, db=self.dbs["meta"])
+        return 0 if raw is None else int(raw)
+
+    def api(self, api_id: str) -> r.Api | None:
+        return self._get(r.Api, "apis", api_id.encode())
+
+    def key(self, key_id: str) -> r.Key | None:
+        return self._get(r.Key, "keys", key_id.encode())
+
+    def key_id_by_hash(self, digest: bytes, hash_alg: str = "blake3") -> str | None:
+        raw = self.txn.get(_HASH_TAG[hash_alg] + digest, db=self.dbs["key_hash"])
+        return None if raw is None else raw.decode()
+
+    def identity(self, identity_id: str) -> r.Identity | None:
+        return self._get(r.Identity, "identities", identity_id.encode())
+
+    def identity_by_external_id(self, external_id: str) -> r.Identity | None:
+        raw = self.txn.get(external_id.encode(), db=self.dbs["identity_by_external_id"])
+        return None if raw is None else self.identity(raw.decode())
+
+    def permission(self, permission_id: str) -> r.Permission | None:
+        return self._get(r.Permission, "permissions", permission_id.encode())
+
+    def permission_by_slug(self, slug: str) -> r.Permission | None:
+        raw = self.txn.get(slug.encode(), db=self.dbs["permission_by_slug"])
+        return None if raw is None else self.permission(raw.decode())
+
+    def role(self, role_id: str) -> r.Role | None:
+        return self._get(r.Role, "roles", role_id.encode())
+
+    def role_by_name(self, name: str) -> r.Role | None:
+        raw = self.txn.get(name.encode(), db=self.dbs["role_by_name"])
+        return None if raw is None else self.role(raw.decode())
+
+    def namespace(self, namespace_id: str) -> r.Namespace | None:
+        return self._get(r.Namespace, "namespaces", namespace_id.encode())
+
+    def namespace_by_name(self, name: str) -> r.Namespace | None:
+        raw = self.txn.get(name.encode(), db=self.dbs["namespace_by_name"])
+        return None if raw is None else self.namespace(raw.decode())
+
+    def override(self, namespace_id: str, identifier: str) -> r.Override | None:
+        return self._get(r.Override, "overrides", _pair(namespace_id, identifier))
+
+    def overrides(self, namespace_id: str, after: str = "") -> Iterator[r.Override]:
+        prefix = f"{namespace_id}\x00".encode()
+        for _, raw in self._scan("overrides", prefix, prefix + after.encode()):
+            yield decode(r.Override, raw)
+
+    def key_ids_of_keyspace(self, keyspace_id: str, after: str = "") -> Iterator[str]:
+        prefix = f"{keyspace_id}\x00".encode()
+        for key, _ in self._scan("keys_by_keyspace", prefix, prefix + after.encode()):
+            yield key[len(prefix):].decode()
+
+    def key_ids_of_identity(self, identity_id: str) -> Iterator[str]:
+        prefix = f"{identity_id}\x00".encode()
+        for key, _ in self._scan("keys_by_identity", prefix, prefix):
+            yield key[len(prefix):].decode()
+
+    def _scan(self, db: str, prefix: bytes, start: bytes) -> Iterator[tuple[bytes, bytes]]:
+        cursor = self.txn.cursor(db=self.dbs[db])
+        if not cursor.set_range(start):
+            return
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                return
+            yield key, value
+
+    def all(self, db: str, kind: type) -> Iterator[Any]:
+        for _, raw in self.txn.cursor(db=self.dbs[db]):
+            yield decode(kind, raw)
+
+    def resolve(self, digest: bytes, hash_alg: str) -> r.VerificationRecord | None:
+        key_id = self.key_id_by_hash(digest, hash_alg)
+        key = None if key_id is None else self.key(key_id)
+        if key is None or key.deleted_at is not None:
+            return None
+        if key.api_id:
+            api = self.api(key.api_id)
+            if api is None or api.deleted_at is not None:
+                return None
+        identity = self.identity(key.identity_id) if key.identity_id else None
+        slugs = [p.slug for p in map(self.permission, key.permission_ids) if p is not None]
+        role_names = []
+        for role in map(self.role, key.role_ids):
+            if role is not None:
+                role_names.append(role.name)
+                slugs.extend(p.slug for p in map(self.permission, role.permission_ids) if p is not None)
+        slugs.extend(key.grants)
+        return r.VerificationRecord(key=key, identity=identity, permission_slugs=slugs, role_names=role_names)
+
+
+class WriteTxn(ReadTxn):
+    """Record-level writes that keep the indexes and the change log right. This is the whole
+    write surface of the store: management operations and replication both go through it."""
+
+    def __init__(self, store: LmdbStore, txn: lmdb.Transaction) -> None:
+        super().__init__(store, txn)
+        self._changed: set[bytes] = set()
+
+    def _put(self, db: str, key: bytes, record: msgspec.Struct) -> None:
+        self.txn.put(key, encode(record), db=self.dbs[db])
+
+    def _index(self, db: str, key: bytes, value: bytes | None) -> None:
+        if value is None:
+            self.txn.delete(key, db=self.dbs[db])
+        else:
+            self.txn.put(key, value, db=self.dbs[db])
+
+    def key_changed(self, key_id: str) -> None:
+        self._changed.add(key_id.encode())
+
+    def everything_changed(self) -> None:
+        self._changed.add(CHANGE_ALL)
+
+    def add_meta_int(self, name: bytes, delta: int) -> None:
+        self.txn.put(name, str(self.meta_int(name) + delta).encode(), db=self.dbs["meta"])
+
+    def put_api(self, api: r.Api) -> None:
+        old = self.api(api.id)
+        self._put("apis", api.id.encode(), api)
+        if old is not None and old.deleted_at != api.deleted_at:
+            self.everything_changed()
+
+    def put_key(self, key: r.Key) -> None:
+        old = self.key(key.id)
+        kid = key.id.encode()
+        if old is not None:
+            if old.hash != key.hash or old.hash_alg != key.hash_alg:
+                self._index("key_hash", _HASH_TAG[old.hash_alg] + old.hash, None)
+                self.add_meta_int(b"sha256_keys", -(old.hash_alg == "sha256"))
+            if old.identity_id and old.identity_id != key.identity_id:
+                self._index("keys_by_identity", _pair(old.identity_id, key.id), None)
+        if old is None or old.hash != key.hash or old.hash_alg != key.hash_alg:
+            hash_key = _HASH_TAG[key.hash_alg] + key.hash
+            existing = self.txn.get(hash_key, db=self.dbs["key_hash"])
+            if existing is not None and existing != kid:
+                raise StoreError("a key with this hash exists already")
+            self._index("key_hash", hash_key, kid)
+            self.add_meta_int(b"sha256_keys", key.hash_alg == "sha256")
+        self._index("keys_by_keyspace", _pair(key.keyspace_id, key.id), b"")
+        if key.identity_id:
+            self._index("keys_by_identity", _pair(key.identity_id, key.id), b"")
+        self._put("keys", kid, key)
+        self.key_changed(key.id)
+
+    def delete_key(self, key_id: str) -> r.Key | None:
+        old = self.key(key_id)
+        if old is None:
+            return None
+        self._index("key_hash", _HASH_TAG[old.hash_alg] + old.hash, None)
+        self.add_meta_int(b"sha256_keys", -(old.hash_alg == "sha256"))
+        self._index("keys_by_keyspace", _pair(old.keyspace_id, key_id), None)
+        if old.identity_id:
+            self._index("keys_by_identity", _pair(old.identity_id, key_id), None)
+        self.txn.delete(key_id.encode(), db=self.dbs["keys"])
+        self.key_changed(key_id)
+        return old
+
+    def put_identity(self, identity: r.Identity) -> None:
+        old = self.identity(identity.id)
+        if old is not None and old.external_id != identity.external_id:
+            self._index("identity_by_external_id", old.external_id.encode(), None)
+        self._index("identity_by_external_id", identity.external_id.encode(), identity.id.encode())
+        self._put("identities", identity.id.encode(), identity)
+        for key_id in self.key_ids_of_identity(identity.id):
+            self.key_changed(key_id)
+
+    def delete_identity(self, identity_id: str) -> r.Identity | None:
+        old = self.identity(identity_id)
+        if old is None:
+            return None
+        self._index("identity_by_external_id", old.external_id.encode(), None)
+        self.txn.delete(identity_id.encode(), db=self.dbs["identities"])
+        for key_id in list(self.key_ids_of_identity(identity_id)):
+            self.key_changed(key_id)
+        return old
+
+    def put_permission(self, permission: r.Permission) -> None:
+        old = self.permission(permission.id)
+        if old is not None and old.slug != permission.slug:
+            self._index("permission_by_slug", old.slug.encode(), None)
+        self._index("permission_by_slug", permission.slug.encode(), permission.id.encode())
+        self._put("permissions", permission.id.encode(), permission)
+        if old is not None:
+            self.everything_changed()
+
+    def delete_permission(self, permission_id: str) -> None:
+        old = self.permission(permission_id)
+        if old is not None:
+            self._index("permission_by_slug", old.slug.encode(), None)
+            self.txn.delete(permission_id.encode(), db=self.dbs["permissions"])
+            self.everything_changed()
+
+    def put_role(self, role: r.Role) -> None:
+        old = self.role(role.id)
+        if old is not None and old.name != role.name:
+            self._index("role_by_name", old.name.encode(), None)
+        self._index("role_by_name", role.name.encode(), role.id.encode())
+        self._put("roles", role.id.encode(), role)
+        if old is not None:
+            self.everything_changed()
+
+    def delete_role(self, role_id: str) -> None:
+        old = self.role(role_id)
+        if old is not None:
+            self._index("role_by_name", old.name.encode(), None)
+            self.txn.delete(role_id.encode(), db=self.dbs["roles"])
+            self.everything_changed()
+
+    def put_namespace(self, namespace: r.Namespace) -> None:
+        self._index("namespace_by_name", namespace.name.encode(), namespace.id.encode())
+        self._put("namespaces", namespace.id.encode(), namespace)
+
+    def put_override(self, override: r.Override) -> None:
+        self._put("overrides", _pair(override.namespace_id, override.identifier), override)
+
+    def delete_override(self, namespace_id: str, identifier: str) -> bool:
+        return self.txn.delete(_pair(namespace_id, identifier), db=self.dbs["overrides"])
+
+    def log_changes(self) -> None:
+        if not self._changed:
+            return
+        db = self.dbs["changes"]
+        cursor = self.txn.cursor(db=db)
+        seq = _SEQ.unpack(cursor.key())[0] if cursor.last() else 0
+        for change in sorted(self._changed):
+            seq += 1
+            self.txn.put(_SEQ.pack(seq), change, db=db)
+        oldest = seq - self.store.config.change_log_size
+        if oldest > 0 and cursor.first():
+            while _SEQ.unpack(cursor.key())[0] <= oldest and cursor.delete():
+                pass
+        # Raised before the commit, while this transaction holds the writer lock: the hint only
+        # ever grows, and by the time the commit returns every reader will look.
+        _U64.pack_into(self.store.hint, 0, seq)
+
+
+@contextmanager
+def node_lock(data_dir: str) -> Iterator[None]:
+    """Held by `keysvc serve` for its lifetime: one server per data dir (its flusher alone may
+    open the embedded ClickHouse). Raises StoreLockedError naming the holder."""
+    path = Path(data_dir) / "serve.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise StoreLockedError(
+                f"{data_dir} is locked: another keysvc serve (pid {holder}) is using it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

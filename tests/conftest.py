@@ -1,0 +1,44 @@
+"""Fixtures shared by the tests: both twins of the hot path, and a real store in a temp dir."""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from keysvc.management import Management
+from keysvc.store import LmdbStore, StoreConfig
+
+TWINS = ["keysvc._fast._core_c", "keysvc._fast._core_py"]
+
+
+@pytest.fixture(params=TWINS, ids=["compiled", "python"])
+def core(request: pytest.FixtureRequest) -> ModuleType:
+    """Each twin of the hot path in turn; the compiled one must really be compiled."""
+    module = importlib.import_module(request.param)
+    assert module.COMPILED == request.param.endswith("_c")
+    return module
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def store(data_dir: Path) -> Iterator[LmdbStore]:
+    s = LmdbStore(StoreConfig(data_dir=str(data_dir), map_size=1 << 30, counters_map_size=1 << 28))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def manage(store: LmdbStore) -> Management:
+    return Management(store)
+
+
+@pytest.fixture
+def verifier(core: ModuleType, store: LmdbStore):
+    return core.Verifier(store)
