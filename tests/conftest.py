@@ -14,6 +14,13 @@ from keysvc.store import LmdbStore, StoreConfig
 TWINS = ["keysvc._fast._core_c", "keysvc._fast._core_py"]
 
 
+@pytest.fixture(autouse=True)
+def _outside_the_source_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every test from a temp dir, so that the processes tests start (`python -m keysvc`,
+    `python -c ...`) import the installed, compiled package, not the checkout's sources."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(params=TWINS, ids=["compiled", "python"])
 def core(request: pytest.FixtureRequest) -> ModuleType:
     """Each twin of the hot path in turn; the compiled one must really be compiled."""
