@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from keysvc import __version__
+from keysvc.config import Config, load
 from keysvc.store import LmdbStore, StoreConfig, StoreError
 
 
@@ -32,6 +35,72 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from granian import Granian
+
+    from keysvc.config import to_json
+    from keysvc.http.app import CONFIG_ENV
+    from keysvc.store.lmdb import node_lock
+
+    config = _config(args)
+    data_dir = config.storage.data_dir
+    Path(data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    with node_lock(data_dir):
+        # Opened once here so that a bad data dir fails now with its message, and closed again
+        # before Granian forks: each worker opens its own.
+        LmdbStore(_store_config(config)).close()
+        os.environ[CONFIG_ENV] = to_json(config).decode()
+        workers = config.workers()
+        print(f"keysvc {__version__} serving http://{config.server.host}:{config.server.port} with {workers} "
+              f"worker(s), data in {data_dir}", file=sys.stderr, flush=True)
+        Granian(
+            "keysvc.http.app:create_app",
+            factory=True,
+            address=config.server.host,
+            port=config.server.port,
+            interface="asgi",
+            loop="uvloop",
+            http="auto",
+            websockets=False,
+            workers=workers,
+            respawn_failed_workers=True,
+            respawn_interval=0.5,
+            workers_kill_timeout=10,
+            log_level="warning",
+        ).serve()
+    return 0
+
+
+def _root_key_create(args: argparse.Namespace) -> int:
+    from keysvc.management import Management
+
+    store = LmdbStore(_store_config(_config(args)))
+    try:
+        record, plaintext = Management(store).create_root_key(args.permission or ["*"], name=args.name)
+    finally:
+        store.close()
+    print(f"root key {record.id} created with: {', '.join(record.grants)}", file=sys.stderr)
+    print("It is shown once and stored only as a hash: keep it now.", file=sys.stderr)
+    print(plaintext, flush=True)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load(getattr(args, "config", None))
+    if getattr(args, "data_dir", None):
+        config.storage.data_dir = args.data_dir
+    for flag, field in (("host", "host"), ("port", "port"), ("workers", "workers")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(config.server, field, value)
+    return config
+
+
+def _store_config(config: Config) -> StoreConfig:
+    return StoreConfig(data_dir=config.storage.data_dir, map_size=config.storage.map_size,
+                       counters_map_size=config.storage.counters_map_size)
+
+
 def _compiled() -> bool:
     from keysvc._fast import COMPILED
 
@@ -46,6 +115,23 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--data-dir", default="./keysvc-data")
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
     doctor.set_defaults(run=_doctor)
+
+    serve = commands.add_parser("serve", help="serve the HTTP API with Granian")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8080)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
+    serve.add_argument("--data-dir", help="the node's data directory (default ./keysvc-data)")
+    serve.add_argument("--config", help="a YAML config file")
+    serve.set_defaults(run=_serve)
+
+    root_key = commands.add_parser("root-key", help="manage root keys").add_subparsers(dest="action", required=True)
+    create = root_key.add_parser("create", help="create a root key; prints it as the last line of stdout")
+    create.add_argument("--data-dir", help="the node's data directory (default ./keysvc-data)")
+    create.add_argument("--config", help="a YAML config file")
+    create.add_argument("--permission", action="append", metavar="P",
+                        help="a permission such as api.*.create_key (repeatable; default: all)")
+    create.add_argument("--name", help="a name to recognise the key by")
+    create.set_defaults(run=_root_key_create)
     return parser
 
 

@@ -34,3 +34,8 @@ class Conflict(KeysvcError):
 class PreconditionFailed(KeysvcError):
     status = 412
     code = "unkey/application/precondition_failed"
+
+
+class Gone(KeysvcError):
+    status = 410
+    code = "unkey/data/ratelimit_namespace_gone"

@@ -6,13 +6,16 @@ environment, written and synced before the key that refers to it).
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from keysvc._fast import REFILL_DAILY, REFILL_MONTHLY, apply_refill
-from keysvc.errors import BadRequest, Conflict, NotFound
+from keysvc.errors import BadRequest, Conflict, Gone, NotFound
 from keysvc.ids import new_id
 from keysvc.keys import generate_key, key_digest, unkey_hash_to_digest
 from keysvc.store import LmdbStore
@@ -24,14 +27,9 @@ ROOT_KEY_PREFIX = "unkey_root"  # recognisable in logs and scanners, like Unkey'
 MAX_CREDITS = (1 << 63) - 1
 
 
-class _Unset:
-    """Absent from a request, as opposed to null (contract: updateKey is tri-state)."""
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Any = _Unset()
+# Absent from a request, as opposed to null (contract: updateKey is tri-state). msgspec's own
+# sentinel, so that decoded requests pass straight through.
+UNSET: Any = msgspec.UNSET
 
 
 def now_ms() -> int:
@@ -58,17 +56,21 @@ class CreditsSpec:
             return None
         if self.remaining is None:
             raise BadRequest("credits.refill needs credits.remaining to be set")
-        if self.refill_amount is None or self.refill_amount < 1:
-            raise BadRequest("credits.refill.amount must be at least 1")
-        if self.refill_interval == "monthly":
-            if self.refill_day is None:
-                raise BadRequest("credits.refill.refillDay is required when the interval is monthly")
-            if not 1 <= self.refill_day <= 31:
-                raise BadRequest("credits.refill.refillDay must be between 1 and 31")
-            return r.Refill("monthly", self.refill_amount, self.refill_day)
-        if self.refill_interval != "daily":
-            raise BadRequest("credits.refill.interval must be 'daily' or 'monthly'")
-        return r.Refill("daily", self.refill_amount, None)
+        return make_refill(self.refill_interval, self.refill_amount, self.refill_day)
+
+
+def make_refill(interval: str, amount: int | None, refill_day: int | None) -> r.Refill:
+    if amount is None or amount < 1:
+        raise BadRequest("credits.refill.amount must be at least 1")
+    if interval == "monthly":
+        if refill_day is None:
+            raise BadRequest("credits.refill.refillDay is required when the interval is monthly")
+        if not 1 <= refill_day <= 31:
+            raise BadRequest("credits.refill.refillDay must be between 1 and 31")
+        return r.Refill("monthly", amount, refill_day)
+    if interval != "daily":
+        raise BadRequest("credits.refill.interval must be 'daily' or 'monthly'")
+    return r.Refill("daily", amount, None)
 
 
 @dataclass
@@ -224,17 +226,23 @@ class Management:
         external_id: Any = UNSET,
         meta: Any = UNSET,
         expires: Any = UNSET,
-        credits: Any = UNSET,
+        remaining: Any = UNSET,
+        refill: Any = UNSET,
         ratelimits: Any = UNSET,
         enabled: Any = UNSET,
         roles: Any = UNSET,
         permissions: Any = UNSET,
     ) -> r.Key:
-        """UNSET leaves a field alone, None clears it, a value sets it. ratelimits, roles and
-        permissions replace the existing sets (ratelimits keep their ids by name)."""
+        """UNSET leaves a field alone, None clears it, a value sets it. `remaining` None makes
+        the key unlimited (and drops its refill); `refill` is an r.Refill or None. ratelimits,
+        roles and permissions replace the existing sets (ratelimits keep their ids by name)."""
         now = now_ms()
-        if credits is not UNSET:
-            self._set_credits_config(key_id, credits, now)
+        current = self.get_key(key_id)
+        has_credits = current.has_credits if remaining is UNSET else remaining is not None
+        if refill not in (UNSET, None) and not has_credits:
+            raise BadRequest("credits.refill needs credits.remaining to be set")
+        if remaining is not UNSET:
+            self.store.update_credits(key_id, lambda _: None if remaining is None else (remaining, now))
         with self.store.write() as w:
             key = self._live_key(w, key_id)
             if name is not UNSET:
@@ -253,18 +261,14 @@ class Management:
                 key.role_ids = self._role_ids(w, roles or ())
             if permissions is not UNSET:
                 key.permission_ids = self._permission_ids(w, permissions or (), now)
-            if credits is not UNSET:
-                key.has_credits = credits is not None and credits.remaining is not None
-                key.refill = credits.refill() if credits is not None else None
+            key.has_credits = has_credits
+            if refill is not UNSET:
+                key.refill = refill
+            if not has_credits:
+                key.refill = None
             key.updated_at = now
             w.put_key(key)
         return key
-
-    def _set_credits_config(self, key_id: str, credits: CreditsSpec | None, now: int) -> None:
-        if credits is not None:
-            credits.refill()  # validate before anything is written
-        remaining = None if credits is None else credits.remaining
-        self.store.update_credits(key_id, lambda _: None if remaining is None else (remaining, now))
 
     def delete_key(self, key_id: str, permanent: bool = False) -> None:
         with self.store.write() as w:
@@ -279,6 +283,56 @@ class Management:
         if permanent:
             self.store.update_credits(key_id, lambda _: None)
 
+    def reroll_key(self, key_id: str, expiration_ms: int) -> tuple[r.Key, str]:
+        """A new key with the old one's settings and balance; the old one expires `expiration_ms`
+        from now, rounded up to the next whole minute (0: now)."""
+        now = now_ms()
+        old = self.get_key(key_id)
+        api = self.get_api(old.api_id)
+        prefix = old.start.rpartition("_")[0] or None
+        plaintext, start = generate_key(prefix, api.default_bytes or 16)
+        new = msgspec.structs.replace(
+            old, id=new_id("key"), hash=key_digest(plaintext), hash_alg="blake3", start=start, created_at=now,
+            updated_at=None, expires=None,
+            ratelimits=[msgspec.structs.replace(rl, id=new_id("rl")) for rl in old.ratelimits],
+        )
+        if old.has_credits:
+            stored = self.store.get_credits(old.id) or (0, now)
+            self.store.set_credits_many([(new.id, self.credits(old) or 0, stored[1])])
+        expires = now + expiration_ms
+        if expiration_ms > 0 and expires % 60_000:
+            expires += 60_000 - expires % 60_000
+        with self.store.write() as w:
+            current = self._live_key(w, key_id)
+            w.put_key(new)
+            current.expires = expires if current.expires is None else min(current.expires, expires)
+            current.updated_at = now
+            w.put_key(current)
+        return new, plaintext
+
+    def list_keys(self, api_id: str, limit: int, cursor: str | None = None,
+                  external_id: str | None = None) -> tuple[list[r.Key], str | None]:
+        """A page of the API's live keys in id order, and the cursor of the next page."""
+        with self.store.read() as reader:
+            api = self._live_api(reader, api_id)
+            identity_id = None
+            if external_id is not None:
+                identity = reader.identity_by_external_id(external_id)
+                if identity is None:
+                    return [], None
+                identity_id = identity.id
+            keys: list[r.Key] = []
+            for key_id in reader.key_ids_of_keyspace(api.keyspace_id, cursor or ""):
+                key = reader.key(key_id)
+                if key is None or key.deleted_at is not None:
+                    continue
+                if identity_id is not None and key.identity_id != identity_id:
+                    continue
+                if len(keys) == limit:
+                    return keys, key.id
+                keys.append(key)
+            return keys, None
+
     def update_credits(self, key_id: str, operation: str, value: int | None) -> tuple[r.Key, int | None]:
         """set / increment / decrement a key's balance; `set` to None makes it unlimited and
         clears its refill. Returns the key and the balance after the change."""
@@ -286,11 +340,9 @@ class Management:
         key = self.get_key(key_id)
         if operation == "set":
             if value is None:
-                self.update_key(key_id, credits=None)
-                return self.get_key(key_id), None
+                return self.update_key(key_id, remaining=None), None
             if not key.has_credits:
-                key = self.update_key(key_id, credits=CreditsSpec(remaining=value))
-                return key, value
+                return self.update_key(key_id, remaining=value), value
             self.store.update_credits(key_id, lambda _: (value, now))
             return key, value
         if operation not in ("increment", "decrement"):
@@ -426,6 +478,169 @@ class Management:
             ids.append(role.id)
         return ids
 
+
+    def get_permission(self, id_or_slug: str) -> r.Permission:
+        with self.store.read() as reader:
+            return self._find_permission(reader, id_or_slug)
+
+    @staticmethod
+    def _find_permission(reader: ReadTxn, id_or_slug: str) -> r.Permission:
+        permission = reader.permission(id_or_slug) or reader.permission_by_slug(id_or_slug)
+        if permission is None:
+            raise NotFound("permission", f"Permission '{id_or_slug}' does not exist.")
+        return permission
+
+    def update_permission(self, id_or_slug: str, *, name: Any = UNSET, slug: Any = UNSET,
+                          description: Any = UNSET) -> r.Permission:
+        with self.store.write() as w:
+            permission = self._find_permission(w, id_or_slug)
+            if slug is not UNSET and slug != permission.slug:
+                if w.permission_by_slug(slug) is not None:
+                    raise Conflict("permission", f"A permission with slug '{slug}' already exists.")
+                permission.slug = slug
+            if name is not UNSET:
+                permission.name = name
+            if description is not UNSET:
+                permission.description = description
+            w.put_permission(permission)
+        return permission
+
+    def delete_permission(self, id_or_slug: str) -> None:
+        with self.store.write() as w:
+            w.delete_permission(self._find_permission(w, id_or_slug).id)
+
+    def list_permissions(self, limit: int, cursor: str | None, search: str | None) -> tuple[list[r.Permission], str | None]:
+        with self.store.read() as reader:
+            return _page(reader.records_from("permissions", r.Permission, cursor or ""), limit,
+                         lambda p: _matches(search, p.name, p.slug))
+
+    def get_role(self, id_or_name: str) -> r.Role:
+        with self.store.read() as reader:
+            return self._find_role(reader, id_or_name)
+
+    @staticmethod
+    def _find_role(reader: ReadTxn, id_or_name: str) -> r.Role:
+        role = reader.role(id_or_name) or reader.role_by_name(id_or_name)
+        if role is None:
+            raise NotFound("role", f"Role '{id_or_name}' does not exist.")
+        return role
+
+    def update_role(self, id_or_name: str, *, name: Any = UNSET, description: Any = UNSET) -> r.Role:
+        with self.store.write() as w:
+            role = self._find_role(w, id_or_name)
+            if name is not UNSET and name != role.name:
+                if w.role_by_name(name) is not None:
+                    raise Conflict("role", f"A role named '{name}' already exists.")
+                role.name = name
+            if description is not UNSET:
+                role.description = description
+            w.put_role(role)
+        return role
+
+    def delete_role(self, id_or_name: str) -> None:
+        with self.store.write() as w:
+            w.delete_role(self._find_role(w, id_or_name).id)
+
+    def list_roles(self, limit: int, cursor: str | None, search: str | None) -> tuple[list[r.Role], str | None]:
+        with self.store.read() as reader:
+            return _page(reader.records_from("roles", r.Role, cursor or ""), limit,
+                         lambda role: _matches(search, role.name, role.description or ""))
+
+    def list_identities(self, limit: int, cursor: str | None, search: str | None) -> tuple[list[r.Identity], str | None]:
+        with self.store.read() as reader:
+            return _page(reader.records_from("identities", r.Identity, cursor or ""), limit,
+                         lambda identity: _matches(search, identity.external_id))
+
+    # -- rate-limit namespaces and overrides ---------------------------------------------------------
+
+    def namespace(self, id_or_name: str, create: bool = False) -> r.Namespace | None:
+        """The namespace by id or name; created on first use when `create`; None if missing."""
+        with self.store.read() as reader:
+            found = reader.namespace(id_or_name) or reader.namespace_by_name(id_or_name)
+        if found is not None or not create:
+            return found
+        with self.store.write() as w:
+            found = w.namespace_by_name(id_or_name)
+            if found is None:
+                found = r.Namespace(id=new_id("rlns"), name=id_or_name, created_at=now_ms())
+                w.put_namespace(found)
+        return found
+
+    def live_namespace(self, id_or_name: str) -> r.Namespace:
+        namespace = self.namespace(id_or_name)
+        if namespace is None:
+            raise NotFound("ratelimit_namespace", f"Namespace '{id_or_name}' does not exist.")
+        if namespace.deleted_at is not None:
+            raise Gone(f"Namespace '{id_or_name}' has been deleted.")
+        return namespace
+
+    def set_override(self, namespace_id: str, identifier: str, limit: int, duration: int) -> r.Override:
+        with self.store.write() as w:
+            existing = w.override(namespace_id, identifier)
+            override = r.Override(
+                id=existing.id if existing else new_id("rlor"), namespace_id=namespace_id, identifier=identifier,
+                limit=limit, duration=duration, created_at=existing.created_at if existing else now_ms(),
+            )
+            w.put_override(override)
+        return override
+
+    def get_override(self, namespace_id: str, identifier: str) -> r.Override:
+        with self.store.read() as reader:
+            override = reader.override(namespace_id, identifier)
+        if override is None:
+            raise NotFound("ratelimit_override", f"No override for '{identifier}' in this namespace.")
+        return override
+
+    def delete_override(self, namespace_id: str, identifier: str) -> None:
+        with self.store.write() as w:
+            if not w.delete_override(namespace_id, identifier):
+                raise NotFound("ratelimit_override", f"No override for '{identifier}' in this namespace.")
+
+    def list_overrides(self, namespace_id: str, limit: int, cursor: str | None) -> tuple[list[r.Override], str | None]:
+        with self.store.read() as reader:
+            items = reader.overrides(namespace_id, cursor or "")
+            return _page(items, limit, lambda _: True, lambda o: o.identifier)
+
+    def matching_override(self, namespace_id: str, identifier: str) -> r.Override | None:
+        """The override for this identifier: an exact one, else the most specific glob (`*`)."""
+        with self.store.read() as reader:
+            exact = reader.override(namespace_id, identifier)
+            if exact is not None:
+                return exact
+            best = None
+            for override in reader.overrides(namespace_id):
+                if "*" in override.identifier and _glob(override.identifier).fullmatch(identifier):
+                    if best is None or len(override.identifier.replace("*", "")) > len(best.identifier.replace("*", "")):
+                        best = override
+            return best
+
+
+def _page(records: Iterable[Any], limit: int, keep: Any, key: Any = lambda record: record.id) -> tuple[list[Any], str | None]:
+    """Up to `limit` kept records, and the key of the next one as the cursor of the next page."""
+    page: list[Any] = []
+    for record in records:
+        if not keep(record):
+            continue
+        if len(page) == limit:
+            return page, key(record)
+        page.append(record)
+    return page, None
+
+
+def _matches(search: str | None, *fields: str) -> bool:
+    return not search or any(search.lower() in field.lower() for field in fields)
+
+
+_globs: dict[str, re.Pattern[str]] = {}
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    compiled = _globs.get(pattern)
+    if compiled is None:
+        if len(_globs) > 10_000:
+            _globs.clear()
+        compiled = _globs[pattern] = re.compile(".*".join(map(re.escape, pattern.split("*"))), re.DOTALL)
+    return compiled
 
 def _ratelimit_configs(specs: Iterable[RatelimitSpec], existing: Sequence[r.RatelimitConfig]) -> list[r.RatelimitConfig]:
     """Configs for these specs; a name that exists keeps its id (updates upsert by name)."""

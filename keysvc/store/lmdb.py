@@ -383,8 +383,12 @@ class ReadTxn:
                 return
             yield key, value
 
-    def all(self, db: str, kind: type) -> Iterator[Any]:
-        for _, raw in self.txn.cursor(db=self.dbs[db]):
+    def records_from(self, db: str, kind: type, start: str = "") -> Iterator[Any]:
+        """Records of one table in key order, from `start` on."""
+        cursor = self.txn.cursor(db=self.dbs[db])
+        if not cursor.set_range(start.encode()):
+            return
+        for _, raw in cursor:
             yield decode(kind, raw)
 
     def resolve(self, digest: bytes, hash_alg: str) -> r.VerificationRecord | None:
@@ -528,7 +532,6 @@ class WriteTxn(ReadTxn):
     def put_namespace(self, namespace: r.Namespace) -> None:
         self._index("namespace_by_name", namespace.name.encode(), namespace.id.encode())
         self._put("namespaces", namespace.id.encode(), namespace)
-
     def put_override(self, override: r.Override) -> None:
         self._put("overrides", _pair(override.namespace_id, override.identifier), override)
 

@@ -1,0 +1,23 @@
+"""What one worker process holds open: the store, the verifier over it, and the management
+operations. Opened in the worker, after Granian has forked it."""
+from __future__ import annotations
+
+from keysvc._fast import Verifier
+from keysvc.config import Config
+from keysvc.management import Management
+from keysvc.store import LmdbStore, StoreConfig
+
+
+class Node:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = LmdbStore(StoreConfig(
+            data_dir=config.storage.data_dir,
+            map_size=config.storage.map_size,
+            counters_map_size=config.storage.counters_map_size,
+        ))
+        self.verifier = Verifier(self.store, cache_size=config.cache.keys)
+        self.manage = Management(self.store)
+
+    def close(self) -> None:
+        self.store.close()
