@@ -48,7 +48,11 @@ def _serve(args: argparse.Namespace) -> int:
     with node_lock(data_dir):
         # Opened once here so that a bad data dir fails now with its message, and closed again
         # before Granian forks: each worker opens its own.
-        LmdbStore(_store_config(config)).close()
+        store = LmdbStore(_store_config(config))
+        try:
+            _bootstrap_root_key(store)
+        finally:
+            store.close()
         os.environ[CONFIG_ENV] = to_json(config).decode()
         workers = config.workers()
         print(f"keysvc {__version__} serving http://{config.server.host}:{config.server.port} with {workers} "
@@ -69,6 +73,19 @@ def _serve(args: argparse.Namespace) -> int:
             log_level="warning",
         ).serve()
     return 0
+
+
+def _bootstrap_root_key(store: LmdbStore) -> None:
+    """On the first start of a data dir, make a root key with every permission and show it once."""
+    from keysvc.management import ROOT_KEYSPACE, Management
+
+    with store.read() as reader:
+        if next(reader.key_ids_of_keyspace(ROOT_KEYSPACE), None) is not None:
+            return
+    record, plaintext = Management(store).create_root_key(["*"], name="bootstrap")
+    print(f"No root key existed: created {record.id} with every permission. It is shown this once and\n"
+          f"stored only as a hash; keep it, and create narrower ones with `keysvc root-key create`:\n\n"
+          f"    {plaintext}\n", file=sys.stderr, flush=True)
 
 
 def _root_key_create(args: argparse.Namespace) -> int:

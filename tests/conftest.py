@@ -9,6 +9,7 @@ from types import ModuleType
 import pytest
 
 from keysvc.management import Management
+from server import Server
 from keysvc.store import LmdbStore, StoreConfig
 
 TWINS = ["keysvc._fast._core_c", "keysvc._fast._core_py"]
@@ -27,6 +28,14 @@ def core(request: pytest.FixtureRequest) -> ModuleType:
     module = importlib.import_module(request.param)
     assert module.COMPILED == request.param.endswith("_c")
     return module
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One `keysvc serve --workers 2` for the session's end-to-end tests."""
+    running = Server(tmp_path_factory.mktemp("server") / "data", workers=2)
+    yield running
+    running.stop()
 
 
 @pytest.fixture

@@ -267,8 +267,9 @@ class Verifier:
         self._cache_size = max(cache_size, 16)
         self._queries = {}
         self._query_cache_size = max(query_cache_size, 16)
-        # A new worker caches nothing, so nothing before the current hint concerns it.
-        self._seen = store.change_hint()
+        # A new worker caches nothing, so no committed change before now concerns it. Not the
+        # hint: it can be ahead of the log, and a change numbered at it would then be missed.
+        self._seen = store.last_change()
         self.hits = 0
         self.misses = 0
 

@@ -193,16 +193,9 @@ class LmdbStore:
                 yield writer
                 writer.log_changes()
         except (lmdb.Error, OSError) as exc:
-            self._restore_hint()
+            # A failed commit leaves the hint above the log. Readers then look at the log on each
+            # verification, find nothing new, and stop when the next write numbers past it.
             raise translate_lmdb_error(exc, str(self.path)) from None
-
-    def _restore_hint(self) -> None:
-        # A failed commit may have raised the hint past the log: put it back, so readers do not
-        # look for a change that never landed on every verification until the next one does.
-        with self.store_env.begin(db=self.dbs["changes"]) as txn:
-            cursor = txn.cursor()
-            last = _SEQ.unpack(cursor.key())[0] if cursor.last() else 0
-        _U64.pack_into(self.hint, 0, last)
 
     @contextmanager
     def read(self) -> Iterator[ReadTxn]:
@@ -273,6 +266,13 @@ class LmdbStore:
 
     def change_hint(self) -> int:
         return _U64.unpack_from(self.hint, 0)[0]
+
+    def last_change(self) -> int:
+        """The newest committed change: where a new cache starts (the hint may be ahead of it
+        while a commit is in flight, or after one failed)."""
+        with self.store_env.begin(db=self.dbs["changes"]) as txn:
+            cursor = txn.cursor()
+            return _SEQ.unpack(cursor.key())[0] if cursor.last() else 0
 
     def changes_since(self, seq: int) -> tuple[int, list[bytes] | None]:
         """The key ids changed after `seq` and the last sequence read; None means 'all of them'
@@ -543,7 +543,9 @@ class WriteTxn(ReadTxn):
             return
         db = self.dbs["changes"]
         cursor = self.txn.cursor(db=db)
-        seq = _SEQ.unpack(cursor.key())[0] if cursor.last() else 0
+        # Past the hint too: a commit that failed after raising it must not have its number
+        # reused, or a reader that saw the hint would take this change for one it has applied.
+        seq = max(_SEQ.unpack(cursor.key())[0] if cursor.last() else 0, self.store.change_hint())
         for change in sorted(self._changed):
             seq += 1
             self.txn.put(_SEQ.pack(seq), change, db=db)
