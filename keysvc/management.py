@@ -159,17 +159,29 @@ class Management:
         self._insert_keys(keys, now)
         return [key for key, _ in keys]
 
-    def migrate_keys(self, api_id: str, hashes: Sequence[tuple[str, KeySpec, str]]) -> list[r.Key]:
-        """Import keys by their Unkey hash (SHA-256, base64): (hash, spec, start) each."""
+    def migrate_keys(self, api_id: str, hashes: Sequence[tuple[str, KeySpec, str]]) -> tuple[list[tuple[str, r.Key]], list[str]]:
+        """Import keys by their Unkey hash (SHA-256, base64): (hash, spec, start) each. Returns the
+        (hash, key) imported and the hashes refused: already present, or given twice."""
         items = []
-        for encoded, spec, start in hashes:
-            try:
-                digest = unkey_hash_to_digest(encoded)
-            except ValueError as exc:
-                raise BadRequest(f"invalid hash {encoded!r}: {exc}") from None
-            spec.api_id = api_id
-            items.append((spec, digest, "sha256", start))
-        return self.import_keys(items)
+        accepted = []
+        failed = []
+        seen: set[bytes] = set()
+        with self.store.read() as reader:
+            for encoded, spec, start in hashes:
+                try:
+                    digest = unkey_hash_to_digest(encoded)
+                except ValueError as exc:
+                    raise BadRequest(f"invalid hash {encoded!r}: {exc}") from None
+                if digest in seen or reader.key_id_by_hash(digest, "sha256") is not None:
+                    failed.append(encoded)
+                    continue
+                seen.add(digest)
+                spec.api_id = api_id
+                items.append((spec, digest, "sha256", start))
+                accepted.append(encoded)
+        if not items:
+            return [], failed
+        return list(zip(accepted, self.import_keys(items))), failed
 
     @staticmethod
     def _new_key_record(spec: KeySpec, api: r.Api | None, digest: bytes, alg: str, start: str, now: int) -> r.Key:
@@ -241,8 +253,6 @@ class Management:
         has_credits = current.has_credits if remaining is UNSET else remaining is not None
         if refill not in (UNSET, None) and not has_credits:
             raise BadRequest("credits.refill needs credits.remaining to be set")
-        if remaining is not UNSET:
-            self.store.update_credits(key_id, lambda _: None if remaining is None else (remaining, now))
         with self.store.write() as w:
             key = self._live_key(w, key_id)
             if name is not UNSET:
@@ -268,6 +278,10 @@ class Management:
                 key.refill = None
             key.updated_at = now
             w.put_key(key)
+            # Last, once everything above is known to be valid, so that a refused update changes
+            # nothing; still inside the record's transaction, which commits right after.
+            if remaining is not UNSET:
+                self.store.update_credits(key_id, lambda _: None if remaining is None else (remaining, now))
         return key
 
     def delete_key(self, key_id: str, permanent: bool = False) -> None:

@@ -81,7 +81,8 @@ def test_api_scope_and_keyspace_filter_hide_other_keys(verifier, manage, api):
 
 def test_keys_imported_by_unkey_sha256_hash_verify(verifier, manage, api):
     plaintext = "unkey_3ZZ7faUrkfv1YAhffAcnKW74"
-    [record] = manage.migrate_keys(api.id, [(unkey_hash(plaintext), KeySpec(api_id=api.id), "unkey_3ZZ7")])
+    [(_, record)], failed = manage.migrate_keys(api.id, [(unkey_hash(plaintext), KeySpec(api_id=api.id), "unkey_3ZZ7")])
+    assert failed == []
     assert record.hash_alg == "sha256"
     result = verifier.verify(plaintext, NOW)
     assert result.code == "VALID" and result.key.key_id == record.id

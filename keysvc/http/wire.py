@@ -39,12 +39,13 @@ class RatelimitRequest(msgspec.Struct, **REQUEST):
     auto_apply: bool = False
 
 
-class RatelimitResponse(msgspec.Struct, **RESPONSE):
+class RatelimitResponse(msgspec.Struct, rename="camel", kw_only=True):
+    # Every field is required by the SDK, `autoApply: false` included: nothing omitted.
     id: str
     name: str
     limit: int
     duration: int
-    auto_apply: bool = False
+    auto_apply: bool
 
 
 class Refill(msgspec.Struct, **REQUEST):

@@ -589,6 +589,5 @@ def migrate_keys(ctx: Any, body: MigrateKeysRequest) -> MigrateKeysData:
         )
         # The plaintext is unknown, and so is its start.
         items.append((item.hash, spec, ""))
-    records = ctx.node.manage.migrate_keys(body.api_id, items)
-    return MigrateKeysData(
-        migrated=[MigratedKey(hash=item.hash, key_id=rec.id) for item, rec in zip(body.keys, records)], failed=[])
+    migrated, failed = ctx.node.manage.migrate_keys(body.api_id, items)
+    return MigrateKeysData(migrated=[MigratedKey(hash=h, key_id=key.id) for h, key in migrated], failed=failed)
