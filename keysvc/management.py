@@ -225,8 +225,9 @@ class Management:
 
     @staticmethod
     def _live_key(reader: ReadTxn, key_id: str) -> r.Key:
+        """A live API key; root keys are not API keys, and are not found here."""
         key = reader.key(key_id)
-        if key is None or key.deleted_at is not None:
+        if key is None or key.deleted_at is not None or not key.api_id:
             raise NotFound("key", f"The requested key '{key_id}' does not exist or has been deleted.")
         return key
 
@@ -287,7 +288,7 @@ class Management:
     def delete_key(self, key_id: str, permanent: bool = False) -> None:
         with self.store.write() as w:
             key = w.key(key_id)
-            if key is None or (key.deleted_at is not None and not permanent):
+            if key is None or not key.api_id or (key.deleted_at is not None and not permanent):
                 raise NotFound("key", f"The requested key '{key_id}' does not exist or has been deleted.")
             if permanent:
                 w.delete_key(key_id)

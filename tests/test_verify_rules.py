@@ -6,6 +6,7 @@ import datetime as dt
 import pytest
 
 from keysvc._fast import PermissionQuerySyntaxError, RatelimitNotFoundError
+from keysvc.errors import NotFound
 from keysvc.keys import unkey_hash
 from keysvc.management import CreditsSpec, KeySpec, RatelimitSpec
 
@@ -433,3 +434,13 @@ def api_free_store(data_dir):
                                   change_log_size=4))
     yield store, Management(store)
     store.close()
+
+
+def test_a_root_key_is_no_api_key(verifier, manage, api):
+    record, root = manage.create_root_key(["*"])
+    assert verifier.lookup(root).key_id == record.id  # what authentication uses
+    assert verifier.verify(root, NOW).code == "NOT_FOUND"
+    with pytest.raises(NotFound):
+        manage.get_key(record.id)
+    with pytest.raises(NotFound):
+        manage.delete_key(record.id)

@@ -351,7 +351,7 @@ class Verifier:
         if permissions is not None:
             query = self.parse_query(permissions)
         view = self.lookup(key)
-        if view is None:
+        if view is None or not view.api_id:  # a root key belongs to no API and verifies as none
             return VerifyResult(NOT_FOUND, None, None, None, 0)
         if api_ids is not None and view.api_id not in api_ids:
             return VerifyResult(NOT_FOUND, None, None, None, 0)

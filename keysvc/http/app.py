@@ -119,7 +119,8 @@ class App:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise HttpError(400, "unkey/application/invalid_input", "The client went away.")
+                raise bad_request("The request body could not be read: the connection closed before its end, "
+                                  "or its framing (Content-Length or chunked encoding) is broken.")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:

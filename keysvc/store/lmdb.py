@@ -88,8 +88,19 @@ def decode(kind: type, data: bytes) -> Any:
     return decoder.decode(data)
 
 
+# LMDB keys are at most 511 bytes; names the contract allows can be longer (up to 512
+# characters, so 2 KiB of UTF-8). Longer ones are indexed by their SHA-256 instead.
+_MAX_INDEX_KEY = 400
+
+
+def _name(text: str) -> bytes:
+    raw = text.encode()
+    return raw if len(raw) <= _MAX_INDEX_KEY else b"\xff#" + hashlib.sha256(raw).digest()
+
+
 def _pair(a: str, b: str) -> bytes:
-    return f"{a}\x00{b}".encode()
+    """`a` NUL `b`, `b` hashed if too long: keys of one `a` stay together, for prefix scans."""
+    return f"{a}\x00".encode() + _name(b)
 
 
 def translate_lmdb_error(exc: BaseException, where: str) -> StoreError:
@@ -311,6 +322,8 @@ class ReadTxn:
         self.dbs = store.dbs
 
     def _get(self, kind: type, db: str, key: bytes) -> Any:
+        if len(key) > 511:  # no record has such an id; LMDB would refuse to look
+            return None
         raw = self.txn.get(key, db=self.dbs[db])
         return None if raw is None else decode(kind, raw)
 
@@ -332,28 +345,28 @@ class ReadTxn:
         return self._get(r.Identity, "identities", identity_id.encode())
 
     def identity_by_external_id(self, external_id: str) -> r.Identity | None:
-        raw = self.txn.get(external_id.encode(), db=self.dbs["identity_by_external_id"])
+        raw = self.txn.get(_name(external_id), db=self.dbs["identity_by_external_id"])
         return None if raw is None else self.identity(raw.decode())
 
     def permission(self, permission_id: str) -> r.Permission | None:
         return self._get(r.Permission, "permissions", permission_id.encode())
 
     def permission_by_slug(self, slug: str) -> r.Permission | None:
-        raw = self.txn.get(slug.encode(), db=self.dbs["permission_by_slug"])
+        raw = self.txn.get(_name(slug), db=self.dbs["permission_by_slug"])
         return None if raw is None else self.permission(raw.decode())
 
     def role(self, role_id: str) -> r.Role | None:
         return self._get(r.Role, "roles", role_id.encode())
 
     def role_by_name(self, name: str) -> r.Role | None:
-        raw = self.txn.get(name.encode(), db=self.dbs["role_by_name"])
+        raw = self.txn.get(_name(name), db=self.dbs["role_by_name"])
         return None if raw is None else self.role(raw.decode())
 
     def namespace(self, namespace_id: str) -> r.Namespace | None:
         return self._get(r.Namespace, "namespaces", namespace_id.encode())
 
     def namespace_by_name(self, name: str) -> r.Namespace | None:
-        raw = self.txn.get(name.encode(), db=self.dbs["namespace_by_name"])
+        raw = self.txn.get(_name(name), db=self.dbs["namespace_by_name"])
         return None if raw is None else self.namespace(raw.decode())
 
     def override(self, namespace_id: str, identifier: str) -> r.Override | None:
@@ -361,7 +374,7 @@ class ReadTxn:
 
     def overrides(self, namespace_id: str, after: str = "") -> Iterator[r.Override]:
         prefix = f"{namespace_id}\x00".encode()
-        for _, raw in self._scan("overrides", prefix, prefix + after.encode()):
+        for _, raw in self._scan("overrides", prefix, _pair(namespace_id, after) if after else prefix):
             yield decode(r.Override, raw)
 
     def key_ids_of_keyspace(self, keyspace_id: str, after: str = "") -> Iterator[str]:
@@ -481,8 +494,8 @@ class WriteTxn(ReadTxn):
     def put_identity(self, identity: r.Identity) -> None:
         old = self.identity(identity.id)
         if old is not None and old.external_id != identity.external_id:
-            self._index("identity_by_external_id", old.external_id.encode(), None)
-        self._index("identity_by_external_id", identity.external_id.encode(), identity.id.encode())
+            self._index("identity_by_external_id", _name(old.external_id), None)
+        self._index("identity_by_external_id", _name(identity.external_id), identity.id.encode())
         self._put("identities", identity.id.encode(), identity)
         for key_id in self.key_ids_of_identity(identity.id):
             self.key_changed(key_id)
@@ -491,7 +504,7 @@ class WriteTxn(ReadTxn):
         old = self.identity(identity_id)
         if old is None:
             return None
-        self._index("identity_by_external_id", old.external_id.encode(), None)
+        self._index("identity_by_external_id", _name(old.external_id), None)
         self.txn.delete(identity_id.encode(), db=self.dbs["identities"])
         for key_id in list(self.key_ids_of_identity(identity_id)):
             self.key_changed(key_id)
@@ -500,8 +513,8 @@ class WriteTxn(ReadTxn):
     def put_permission(self, permission: r.Permission) -> None:
         old = self.permission(permission.id)
         if old is not None and old.slug != permission.slug:
-            self._index("permission_by_slug", old.slug.encode(), None)
-        self._index("permission_by_slug", permission.slug.encode(), permission.id.encode())
+            self._index("permission_by_slug", _name(old.slug), None)
+        self._index("permission_by_slug", _name(permission.slug), permission.id.encode())
         self._put("permissions", permission.id.encode(), permission)
         if old is not None:
             self.everything_changed()
@@ -509,15 +522,15 @@ class WriteTxn(ReadTxn):
     def delete_permission(self, permission_id: str) -> None:
         old = self.permission(permission_id)
         if old is not None:
-            self._index("permission_by_slug", old.slug.encode(), None)
+            self._index("permission_by_slug", _name(old.slug), None)
             self.txn.delete(permission_id.encode(), db=self.dbs["permissions"])
             self.everything_changed()
 
     def put_role(self, role: r.Role) -> None:
         old = self.role(role.id)
         if old is not None and old.name != role.name:
-            self._index("role_by_name", old.name.encode(), None)
-        self._index("role_by_name", role.name.encode(), role.id.encode())
+            self._index("role_by_name", _name(old.name), None)
+        self._index("role_by_name", _name(role.name), role.id.encode())
         self._put("roles", role.id.encode(), role)
         if old is not None:
             self.everything_changed()
@@ -525,12 +538,12 @@ class WriteTxn(ReadTxn):
     def delete_role(self, role_id: str) -> None:
         old = self.role(role_id)
         if old is not None:
-            self._index("role_by_name", old.name.encode(), None)
+            self._index("role_by_name", _name(old.name), None)
             self.txn.delete(role_id.encode(), db=self.dbs["roles"])
             self.everything_changed()
 
     def put_namespace(self, namespace: r.Namespace) -> None:
-        self._index("namespace_by_name", namespace.name.encode(), namespace.id.encode())
+        self._index("namespace_by_name", _name(namespace.name), namespace.id.encode())
         self._put("namespaces", namespace.id.encode(), namespace)
     def put_override(self, override: r.Override) -> None:
         self._put("overrides", _pair(override.namespace_id, override.identifier), override)

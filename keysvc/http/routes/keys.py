@@ -481,7 +481,6 @@ def _current_role_names(ctx: Any, key: r.Key) -> list[str]:
 
 def _change_permissions(ctx: Any, body: KeyPermissionsRequest, change: str) -> list[PermissionData]:
     key = key_for_update(ctx, body.key_id)
-    require(ctx.root, "rbac", "add_permission_to_key" if change != "remove" else "remove_permission_from_key")
     current = _current_slugs(ctx, key)
     if change == "add":
         wanted = current + [p for p in body.permissions if p not in current]
@@ -495,7 +494,6 @@ def _change_permissions(ctx: Any, body: KeyPermissionsRequest, change: str) -> l
 
 def _change_roles(ctx: Any, body: KeyRolesRequest, change: str) -> list[RoleData]:
     key = key_for_update(ctx, body.key_id)
-    require(ctx.root, "rbac", "add_role_to_key" if change != "remove" else "remove_role_from_key")
     current = _current_role_names(ctx, key)
     if change == "add":
         wanted = current + [role for role in body.roles if role not in current]

@@ -15,7 +15,7 @@ from ..wire import REQUEST, Cursor, Empty, PermissionSlug, unset_if_none
 from .keys import PermissionData, RoleData, permission_answer
 
 Description = Annotated[str, Meta(max_length=512)]
-Ref = Annotated[str, Meta(min_length=1, max_length=255)]
+Ref = Annotated[str, Meta(min_length=1, max_length=512)]
 
 
 class CreatePermissionRequest(msgspec.Struct, **REQUEST):

@@ -79,11 +79,15 @@ class ListOverridesRequest(msgspec.Struct, **REQUEST):
 
 
 def _namespace(ctx: Any, name: str) -> r.Namespace:
-    """The namespace, auto-created on first use if the root key may create namespaces."""
-    create = allows(ctx.root, "ratelimit", "create_namespace")
-    namespace = ctx.node.manage.namespace(name, create=create)
+    """The namespace, once the root key may limit in it; a new one is created on first use only
+    if the root key may also create namespaces (and limit in any)."""
+    namespace = ctx.node.manage.namespace(name)
     if namespace is None:
-        raise NotFound("ratelimit_namespace", f"Namespace '{name}' does not exist.")
+        if not allows(ctx.root, "ratelimit", "create_namespace"):
+            raise NotFound("ratelimit_namespace", f"Namespace '{name}' does not exist.")
+        require(ctx.root, "ratelimit", "limit")
+        namespace = ctx.node.manage.namespace(name, create=True)
+    require(ctx.root, "ratelimit", "limit", namespace.id)
     return ctx.node.manage.live_namespace(namespace.id)
 
 
@@ -92,7 +96,6 @@ def _checks(ctx: Any, items: list[LimitRequest]) -> tuple[list[Any], list[tuple[
     resolved = []
     for item in items:
         namespace = _namespace(ctx, item.namespace)
-        require(ctx.root, "ratelimit", "limit", namespace.id)
         override = ctx.node.manage.matching_override(namespace.id, item.identifier)
         limit, duration = (override.limit, override.duration) if override else (item.limit, item.duration)
         checks.append((bucket_key(NAMESPACE_LIMITS, namespace.id, item.identifier, duration), limit, duration,
