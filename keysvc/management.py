@@ -25,6 +25,8 @@ from keysvc.store.lmdb import ReadTxn, WriteTxn
 ROOT_KEYSPACE = "ks_root"
 ROOT_KEY_PREFIX = "unkey_root"  # recognisable in logs and scanners, like Unkey's own root keys
 MAX_CREDITS = (1 << 63) - 1
+MAX_LIMIT = 10**15
+MAX_DURATION = 2_592_000_000  # 30 days
 
 
 # Absent from a request, as opposed to null (contract: updateKey is tri-state). msgspec's own
@@ -662,8 +664,10 @@ def _ratelimit_configs(specs: Iterable[RatelimitSpec], existing: Sequence[r.Rate
     ids = {config.name: config.id for config in existing}
     configs = {}
     for spec in specs:
-        if spec.limit < 1 or spec.duration < 1000:
-            raise BadRequest(f"ratelimit '{spec.name}' needs limit >= 1 and duration >= 1000 ms")
+        # The bounds of the wire contract, within which the limiter's 64-bit arithmetic is exact.
+        if not 1 <= spec.limit <= MAX_LIMIT or not 1000 <= spec.duration <= MAX_DURATION:
+            raise BadRequest(f"ratelimit '{spec.name}' needs a limit of 1 to {MAX_LIMIT} and a duration of "
+                             f"1000 to {MAX_DURATION} ms")
         if spec.name in configs:
             raise BadRequest(f"ratelimit '{spec.name}' is given twice")
         configs[spec.name] = r.RatelimitConfig(

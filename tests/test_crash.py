@@ -102,7 +102,7 @@ elif mode == "hold_write_locks":
     res = verifier.verify(cfg["credit_key"], now_ms())
     say({"charged": res.credits, "code": res.code})
     counters = store.counters_env.begin(write=True)
-    counters.put(cfg["credit_key_id"].encode(), bytes(16), db=store.credits_db)  # balance 0, never committed
+    counters.put(b"c\x00" + cfg["credit_key_id"].encode(), bytes(16), db=store.counters_db)  # balance 0, uncommitted
     records = store.write()
     w = records.__enter__()
     key = w.key(cfg["credit_key_id"])

@@ -151,8 +151,9 @@ verifications = st.tuples(st.just("verify"), st.integers(0, 3), st.fixed_diction
     "credits_cost": st.sampled_from([-1, -1, 0, 1, 2, 5]),
     "ratelimits": st.one_of(st.none(), st.none(), requested_limits),
 }))
+batches = st.tuples(st.just("batch"), st.lists(verifications, min_size=1, max_size=6))
 operations = st.one_of(
-    verifications, verifications, verifications, verifications,
+    verifications, verifications, verifications, verifications, batches,
     st.tuples(st.just("advance"), st.sampled_from([1, 250, 999, 30_000, 59_999, 3_600_000, DAY, 31 * DAY])),
     st.tuples(st.just("credits"), st.integers(0, 3), st.sampled_from(["set", "increment", "decrement"]),
               st.integers(0, 4)),
@@ -182,15 +183,18 @@ class Node:
 
     def run(self, op, now):
         kind = op[0]
+        if kind == "batch":
+            requests = [(self.keys[v[1] % len(self.keys)][1], v[2]["permissions"], v[2]["credits_cost"],
+                         v[2]["ratelimits"], None, None) for v in op[1]]
+            return [type(r).__name__ if isinstance(r, Exception) else self.describe(r)
+                    for r in self.verifier.verify_batch(requests, now)]
         if kind == "verify":
             record, plaintext = self.keys[op[1] % len(self.keys)]
             try:
                 result = self.verifier.verify(plaintext, now, **op[2])
             except (PermissionQuerySyntaxError, RatelimitNotFoundError) as exc:
                 return type(exc).__name__
-            limits = sorted((o.name, o.limit, o.duration, o.exceeded, o.remaining, o.reset, o.auto_apply)
-                            for o in result.ratelimits or ())
-            return result.code, result.credits, result.spent, limits
+            return self.describe(result)
         if kind == "credits":
             record = self.keys[op[1] % len(self.keys)][0]
             try:
@@ -206,6 +210,12 @@ class Node:
             self.manage.update_identity("acme", ratelimits=op[1])
             return None
         raise AssertionError(kind)
+
+    @staticmethod
+    def describe(result):
+        limits = sorted((o.name, o.limit, o.duration, o.exceeded, o.remaining, o.reset, o.auto_apply)
+                        for o in result.ratelimits or ())
+        return result.code, result.credits, result.spent, limits
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

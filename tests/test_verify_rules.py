@@ -6,7 +6,7 @@ import datetime as dt
 import pytest
 
 from keysvc._fast import PermissionQuerySyntaxError, RatelimitNotFoundError
-from keysvc.errors import NotFound
+from keysvc.errors import BadRequest, NotFound
 from keysvc.keys import unkey_hash
 from keysvc.management import CreditsSpec, KeySpec, RatelimitSpec
 
@@ -444,3 +444,84 @@ def test_a_root_key_is_no_api_key(verifier, manage, api):
         manage.get_key(record.id)
     with pytest.raises(NotFound):
         manage.delete_key(record.id)
+
+
+# -- late requests, bucket names, bounds ------------------------------------------------------
+
+
+def test_a_request_stamped_in_an_older_window_counts_in_the_newer_one(verifier, manage, api):
+    """A worker takes the time, then waits for the writer lock: its request may reach a cell
+    already in the next window. It must count there, not reset that window's count."""
+    _, key = new_key(manage, api)
+    start = NOW - NOW % MINUTE
+    limit = [("requests", 1, 5, MINUTE)]
+    assert codes(verifier, key, 5, now=start + MINUTE + 10, ratelimits=limit) == ["VALID"] * 5
+    assert verifier.verify(key, start + MINUTE - 1, ratelimits=limit).code == "RATE_LIMITED"
+    assert verifier.verify(key, start + MINUTE + 20, ratelimits=limit).code == "RATE_LIMITED"
+
+
+def test_bucket_names_cannot_collide(core):
+    assert core.bucket_key(core.KEY_LIMITS, "a\x00b", "c", MINUTE) != core.bucket_key(core.KEY_LIMITS, "a", "b\x00c",
+                                                                                      MINUTE)
+    assert core.bucket_key(core.KEY_LIMITS, "ab", "c", MINUTE) != core.bucket_key(core.KEY_LIMITS, "a", "bc", MINUTE)
+    window = core.bucket_key(core.KEY_LIMITS, "requests", "key_1", MINUTE)
+    balance = core.credits_key("key_1")
+    assert core.is_window(window) and not core.is_window(balance)
+    # A key's balance and its own windows share a prefix: one B-tree path serves both.
+    assert window[:7] == balance[:7] == b"k\x05key_1"
+
+
+@pytest.mark.parametrize(("limit", "duration"), [(0, MINUTE), (10**15 + 1, MINUTE), (1, 999), (1, 2_592_000_001)])
+def test_limits_outside_the_contracts_bounds_are_refused(manage, api, limit, duration):
+    with pytest.raises(BadRequest):
+        manage.create_key(KeySpec(api_id=api.id, ratelimits=[RatelimitSpec("requests", limit, duration)]))
+
+
+def test_the_largest_limits_are_exact(verifier, manage, api):
+    _, key = new_key(manage, api, ratelimits=[RatelimitSpec("big", 10**15, 2_592_000_000, True)])
+    result = verifier.verify(key, NOW, ratelimits=[("big", 10**12, None, None)])
+    assert result.code == "VALID" and result.ratelimits[0].remaining == 10**15 - 10**12
+
+
+# -- group commit -------------------------------------------------------------------------------
+
+
+def batch(*requests):
+    """verify_batch's request tuples, from (key, overrides) pairs."""
+    out = []
+    for key, kw in requests:
+        out.append((key, kw.get("permissions"), kw.get("credits_cost", -1), kw.get("ratelimits"), None, None))
+    return out
+
+
+def test_a_batch_charges_each_verification_in_order(verifier, manage, api):
+    record, key = new_key(manage, api, credits=CreditsSpec(remaining=3))
+    results = verifier.verify_batch(batch(*[(key, {})] * 5), NOW)
+    assert [(r.code, r.credits) for r in results] == [("VALID", 2), ("VALID", 1), ("VALID", 0),
+                                                      ("USAGE_EXCEEDED", 0), ("USAGE_EXCEEDED", 0)]
+    assert manage.credits(record) == 0
+
+
+def test_a_bad_request_in_a_batch_fails_alone(verifier, manage, api):
+    _, key = new_key(manage, api, credits=CreditsSpec(remaining=5),
+                     ratelimits=[RatelimitSpec("requests", 2, MINUTE, True), RatelimitSpec("b", 1, MINUTE, True)])
+    results = verifier.verify_batch(batch(
+        (key, {}),
+        (key, {"permissions": "(oops"}),
+        (key, {"ratelimits": [("missing", 1, None, None)]}),
+        ("sk_unknown", {}),
+        (key, {}),  # "b" allows one: denied, and "requests" not counted for it
+        (key, {"ratelimits": [("b", 0, None, None)]}),
+    ), NOW)
+    assert isinstance(results[1], PermissionQuerySyntaxError)
+    assert isinstance(results[2], RatelimitNotFoundError)
+    assert [r.code for i, r in enumerate(results) if i not in (1, 2)] == ["VALID", "NOT_FOUND", "RATE_LIMITED",
+                                                                          "VALID"]
+    assert {o.name: o.remaining for o in results[5].ratelimits} == {"requests": 0, "b": 0}
+    assert results[5].credits == 3
+
+
+def test_an_empty_batch_and_one_without_charges(verifier, manage, api):
+    _, key = new_key(manage, api)
+    assert verifier.verify_batch([], NOW) == []
+    assert [r.code for r in verifier.verify_batch(batch((key, {}), (key, {})), NOW)] == ["VALID", "VALID"]

@@ -27,6 +27,8 @@ KeyView = core.KeyView
 VerifyResult = core.VerifyResult
 hash_key = core.hash_key
 bucket_key = core.bucket_key
+credits_key = core.credits_key
+is_window = core.is_window
 apply_refill = core.apply_refill
 cell_is_expired = core.cell_is_expired
 KEY_LIMITS = core.KEY_LIMITS
@@ -36,5 +38,5 @@ REFILL_NONE, REFILL_DAILY, REFILL_MONTHLY = core.REFILL_NONE, core.REFILL_DAILY,
 __all__ = [
     "COMPILED", "KEY_LIMITS", "NAMESPACE_LIMITS", "KeyView", "PermissionQuerySyntaxError", "REFILL_DAILY",
     "REFILL_MONTHLY", "REFILL_NONE", "RatelimitNotFoundError", "Verifier", "VerifyResult", "apply_refill",
-    "bucket_key", "cell_is_expired", "hash_key",
+    "bucket_key", "cell_is_expired", "credits_key", "hash_key", "is_window",
 ]

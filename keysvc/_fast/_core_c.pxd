@@ -3,10 +3,14 @@
 import cython
 
 cdef object _CELL, _CREDITS, _DURATION
+cdef bytes _BALANCE, _WINDOW
 cdef Py_ssize_t _MAX_BUCKET_PART
 
+cdef bytes _part(str text)
 cpdef bytes hash_key(str key)
 cpdef bytes bucket_key(bytes scope, str namespace, str identifier, long long duration)
+cpdef bytes credits_key(str key_id)
+cpdef bint is_window(bytes counter_key) except -1
 
 @cython.locals(stored_seq=cython.longlong, cur=cython.longlong, prev=cython.longlong)
 cpdef tuple window_counts(object raw, long long seq)
@@ -80,6 +84,12 @@ cdef class KeyView:
     cdef readonly tuple auto_rules
 
 
+cdef class Charge:
+    cdef readonly KeyView view
+    cdef readonly list checks
+    cdef readonly long long cost
+
+
 cdef class VerifyResult:
     cdef readonly str code
     cdef readonly bint valid
@@ -92,8 +102,7 @@ cdef class VerifyResult:
 cdef class Verifier:
     cdef object _store
     cdef object _counters
-    cdef object _ratelimit_db
-    cdef object _credits_db
+    cdef object _counters_db
     cdef dict _cache
     cdef dict _cache_ids
     cdef Py_ssize_t _cache_size
@@ -112,19 +121,25 @@ cdef class Verifier:
     cpdef KeyView lookup(self, str key)
     cpdef Py_ssize_t cache_len(self)
     cpdef object parse_query(self, str query)
-    @cython.locals(view=KeyView, cost=cython.longlong)
+    @cython.locals(result=VerifyResult)
     cpdef VerifyResult verify(self, str key, long long now_ms, object permissions=*, long long credits_cost=*,
                               object ratelimits=*, object api_ids=*, object keyspace_ids=*)
+    @cython.locals(i=Py_ssize_t, results=list, pending=list)
+    cpdef list verify_batch(self, list requests, long long now_ms)
+    @cython.locals(view=KeyView, cost=cython.longlong)
+    cdef object _prepare(self, str key, long long now_ms, object permissions, long long credits_cost,
+                         object ratelimits, object api_ids, object keyspace_ids)
     @cython.locals(rule=RatelimitRule, chosen=dict)
     cdef list _ratelimit_checks(self, KeyView view, object requested)
     cdef VerifyResult _denied(self, str code, KeyView view, long long now_ms)
     @cython.locals(remaining=cython.longlong, last_refill_at=cython.longlong)
-    cdef object _read_credits(self, KeyView view, long long now_ms)
-    @cython.locals(rule=RatelimitRule, rule_cost=cython.longlong, ok=cython.bint, passed=cython.bint,
-                   balance=cython.longlong, last_refill_at=cython.longlong, outcomes=list, cells=list)
-    cdef VerifyResult _charge(self, KeyView view, list checks, long long cost, long long now_ms)
+    cdef tuple _balance(self, object txn, KeyView view, long long now_ms)
+    @cython.locals(view=KeyView, rule=RatelimitRule, rule_cost=cython.longlong, ok=cython.bint, passed=cython.bint,
+                   balance=cython.longlong, last_refill_at=cython.longlong, cost=cython.longlong, outcomes=list,
+                   cells=list)
+    cdef VerifyResult _charge(self, object txn, Charge charge, long long now_ms)
     @cython.locals(seq=cython.longlong, start=cython.longlong, cur=cython.longlong, prev=cython.longlong,
-                   effective=cython.longlong)
+                   elapsed=cython.longlong, effective=cython.longlong)
     cdef tuple _window(self, object txn, bytes bucket, long long limit, long long duration, long long cost,
                        long long now_ms)
     @cython.locals(limit=cython.longlong, duration=cython.longlong, cost=cython.longlong, ok=cython.bint,

@@ -48,12 +48,28 @@ _CELL = struct.Struct("<qqq")  # window sequence, count in it, count in the one 
 _CREDITS = struct.Struct("<qq")  # remaining, last refill (ms)
 _DURATION = struct.Struct(">Q")
 
-# Rate-limit buckets are (namespace, identifier, duration), never the limit (contract section 10.4).
-# Key and identity limits live under "k" and are named by the limit's name; the ratelimit API's
-# namespaces live under "n", so a key limit named like a namespace never shares its counter.
+# The counters table: rate-limit windows and credit balances, keyed identifier first, so that a
+# key's balance and its own windows sit side by side and one B-tree path serves a verification:
+#
+#     scope | len | identifier | "$"                                 a credit balance (scope "k")
+#     scope | len | identifier | "w" | len | name | duration (8 B)    a window
+#
+# Buckets are (namespace, identifier, duration), never the limit (contract section 10.4). Key and
+# identity limits are in scope "k", named by the limit's name; the ratelimit API's namespaces in
+# scope "n", so that a key limit named like a namespace never shares its counter. Parts are
+# length-prefixed, so that no two different (name, identifier) pairs meet in one key.
 KEY_LIMITS = b"k"
 NAMESPACE_LIMITS = b"n"
-_MAX_BUCKET_PART = 200
+_BALANCE = b"$"
+_WINDOW = b"w"
+_MAX_BUCKET_PART = 200  # longer parts are hashed: LMDB keys are at most 511 bytes
+
+
+def _part(text):
+    raw = text.encode()
+    if len(raw) > _MAX_BUCKET_PART:
+        raw = b"#" + blake3(raw).digest()
+    return bytes((len(raw),)) + raw
 
 
 def hash_key(key):
@@ -62,39 +78,46 @@ def hash_key(key):
 
 
 def bucket_key(scope, namespace, identifier, duration):
-    """The counters-table key of one rate-limit bucket (LMDB keys are at most 511 bytes)."""
-    ns = namespace.encode()
-    ident = identifier.encode()
-    if len(ns) > _MAX_BUCKET_PART:
-        ns = b"#" + blake3(ns).digest()
-    if len(ident) > _MAX_BUCKET_PART:
-        ident = b"#" + blake3(ident).digest()
-    return scope + b"\x00" + ns + b"\x00" + ident + b"\x00" + _DURATION.pack(duration)
+    """The counters-table key of one rate-limit window."""
+    return scope + _part(identifier) + _WINDOW + _part(namespace) + _DURATION.pack(duration)
+
+
+def credits_key(key_id):
+    """The counters-table key of a key's credit balance."""
+    return KEY_LIMITS + _part(key_id) + _BALANCE
+
+
+def is_window(counter_key):
+    """Whether a counters-table key names a window (else a balance)."""
+    return counter_key[2 + counter_key[1]] == _WINDOW[0]
 
 
 # -- the sliding window (contract section 6.4) -------------------------------------------------
 
 
 def window_counts(raw, seq):
-    """(count in the current window, count in the previous one) from a stored cell."""
+    """(the window's sequence, count in it, count in the one before) for a request in window
+    `seq`, from a stored cell. A request stamped before the stored window (its worker took the
+    time, then waited for the writer lock) counts in the stored window, never resets it."""
     if raw is None:
-        return 0, 0
+        return seq, 0, 0
     stored_seq, cur, prev = _CELL.unpack(raw)
-    if stored_seq == seq:
-        return cur, prev
+    if stored_seq >= seq:
+        return stored_seq, cur, prev
     if stored_seq == seq - 1:
-        return 0, cur
-    return 0, 0
+        return seq, 0, cur
+    return seq, 0, 0
 
 
 def weighted_previous(prev, elapsed, duration):
-    """trunc(prev * (1 - elapsed / duration)) in exact integer arithmetic, without overflow."""
+    """trunc(prev * (1 - elapsed / duration)) in exact integer arithmetic: no overflow in 64 bits
+    for a duration up to 2**31.5 ms (the contract allows 30 days, 2,592,000,000 ms)."""
     rest = duration - elapsed
     return (prev // duration) * rest + ((prev % duration) * rest) // duration
 
 
 def cell_is_expired(bucket, raw, now_ms):
-    """Whether a stored cell can no longer count in any window (for the sweeper)."""
+    """Whether a stored window can no longer count in any window (for the sweeper)."""
     duration = _DURATION.unpack(bucket[len(bucket) - 8:])[0]
     return _CELL.unpack(raw)[0] < now_ms // duration - 1
 
@@ -216,7 +239,7 @@ class KeyView:
         self.expires = key.expires if key.expires is not None else -1
         self.permissions = frozenset(record.permission_slugs)
         self.has_credits = key.has_credits
-        self.credits_key = key.id.encode()
+        self.credits_key = credits_key(key.id)
         refill = key.refill
         if refill is None:
             self.refill_kind = REFILL_NONE
@@ -244,6 +267,15 @@ class KeyView:
         self.auto_rules = tuple(rule for rule in rules.values() if rule.auto_apply)
 
 
+class Charge:
+    """A verification that passed every check before the counters, with what it will charge."""
+
+    def __init__(self, view, checks, cost):
+        self.view = view
+        self.checks = checks  # [(RatelimitRule, cost)], or None
+        self.cost = cost  # credits
+
+
 class VerifyResult:
     def __init__(self, code, key, credits, ratelimits, spent):
         self.code = code
@@ -260,8 +292,7 @@ class Verifier:
     def __init__(self, store, cache_size=200_000, query_cache_size=4096):
         self._store = store
         self._counters = store.counters_env
-        self._ratelimit_db = store.ratelimit_db
-        self._credits_db = store.credits_db
+        self._counters_db = store.counters_db
         self._cache = {}
         self._cache_ids = {}
         self._cache_size = max(cache_size, 16)
@@ -297,7 +328,7 @@ class Verifier:
         if len(self._cache) >= self._cache_size:
             self._evict()
         self._cache[digest] = view
-        self._cache_ids[view.credits_key] = digest
+        self._cache_ids[view.key_id.encode()] = digest
         return view
 
     def _evict(self):
@@ -311,7 +342,7 @@ class Verifier:
                 break
         for digest in victims:
             view = self._cache.pop(digest)
-            self._cache_ids.pop(view.credits_key, None)
+            self._cache_ids.pop(view.key_id.encode(), None)
 
     def lookup(self, key):
         """The cached view of a live key, or None: what whoami and root-key auth need."""
@@ -347,6 +378,49 @@ class Verifier:
         with None for what the request left out; `api_ids`/`keyspace_ids` restrict which keys may
         be found (None: any). Raises PermissionQuerySyntaxError or RatelimitNotFoundError for bad
         requests, before anything is charged."""
+        prepared = self._prepare(key, now_ms, permissions, credits_cost, ratelimits, api_ids, keyspace_ids)
+        if type(prepared) is VerifyResult:
+            return prepared
+        txn = self._counters.begin(write=True, db=self._counters_db)
+        try:
+            result = self._charge(txn, prepared, now_ms)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        return result
+
+    def verify_batch(self, requests, now_ms):
+        """Verify many keys, charging all of them in ONE write transaction (group commit): the
+        writer lock, the commit and py-lmdb's GIL hand-offs are paid once per batch. Each
+        verification is still all-or-nothing and sees the charges of those before it. `requests`
+        holds verify()'s arguments after now_ms, as tuples; the answer holds a VerifyResult, or
+        the exception that request raised, for each."""
+        results = []
+        pending = []
+        for i in range(len(requests)):
+            key, permissions, credits_cost, ratelimits, api_ids, keyspace_ids = requests[i]
+            try:
+                prepared = self._prepare(key, now_ms, permissions, credits_cost, ratelimits, api_ids, keyspace_ids)
+            except (PermissionQuerySyntaxError, RatelimitNotFoundError) as exc:
+                results.append(exc)
+                continue
+            if type(prepared) is not VerifyResult:
+                pending.append(i)
+            results.append(prepared)
+        if pending:
+            txn = self._counters.begin(write=True, db=self._counters_db)
+            try:
+                for i in pending:
+                    results[i] = self._charge(txn, results[i], now_ms)
+                txn.commit()
+            except BaseException:
+                txn.abort()
+                raise
+        return results
+
+    def _prepare(self, key, now_ms, permissions, credits_cost, ratelimits, api_ids, keyspace_ids):
+        """Everything before the counters: the final VerifyResult, or a Charge still to apply."""
         query = None
         if permissions is not None:
             query = self.parse_query(permissions)
@@ -369,7 +443,7 @@ class Verifier:
         cost = 0
         if view.has_credits:
             cost = 1 if credits_cost < 0 else credits_cost
-        return self._charge(view, checks, cost, now_ms)
+        return Charge(view, checks, cost)
 
     def _ratelimit_checks(self, view, requested):
         """[(rule, cost)] for this verification: auto-applied rules at cost 1, each replaced by
@@ -398,71 +472,62 @@ class Verifier:
     def _denied(self, code, view, now_ms):
         credits = None
         if view.has_credits:
-            credits = self._read_credits(view, now_ms)
+            with self._counters.begin(db=self._counters_db) as txn:
+                credits = self._balance(txn, view, now_ms)[0]
         return VerifyResult(code, view, credits, None, 0)
 
-    def _read_credits(self, view, now_ms):
-        with self._counters.begin(db=self._credits_db) as txn:
-            raw = txn.get(view.credits_key)
+    def _balance(self, txn, view, now_ms):
+        """(remaining, last refill) of the key as its refill schedule has it now."""
+        raw = txn.get(view.credits_key)
         if raw is None:
-            return 0
+            return 0, now_ms
         remaining, last_refill_at = _CREDITS.unpack(raw)
         return apply_refill(remaining, last_refill_at, view.refill_kind, view.refill_amount, view.refill_day,
-                            now_ms)[0]
+                            now_ms)
 
-    def _charge(self, view, checks, cost, now_ms):
-        """Rate limits, then credits, in one write transaction: committed only if all pass, so a
-        denied request is charged nothing, and workers serialise on LMDB's writer lock."""
-        txn = self._counters.begin(write=True)
-        try:
-            outcomes = None
-            cells = []
-            if checks is not None:
-                outcomes = []
-                passed = True
-                for rule, rule_cost in checks:
-                    ok, remaining, reset, cell = self._window(txn, rule.bucket, rule.limit, rule.duration, rule_cost,
-                                                              now_ms)
-                    if not ok:
-                        passed = False
-                    elif cell is not None:
-                        cells.append((rule.bucket, cell))
-                    outcomes.append(RatelimitOutcome(
-                        rule.id, rule.name, rule.limit, rule.duration, rule.auto_apply, not ok, remaining, reset,
-                    ))
-                if not passed:
-                    txn.abort()
-                    credits = self._read_credits(view, now_ms) if view.has_credits else None
-                    return VerifyResult(RATE_LIMITED, view, credits, outcomes, 0)
-            credits = None
-            if view.has_credits:
-                raw = txn.get(view.credits_key, db=self._credits_db)
-                balance, last_refill_at = _CREDITS.unpack(raw) if raw is not None else (0, now_ms)
-                balance, last_refill_at = apply_refill(
-                    balance, last_refill_at, view.refill_kind, view.refill_amount, view.refill_day, now_ms
-                )
-                if cost > 0 and balance < cost:
-                    txn.abort()
-                    return VerifyResult(USAGE_EXCEEDED, view, balance, outcomes, 0)
-                balance -= cost
-                txn.put(view.credits_key, _CREDITS.pack(balance, last_refill_at), db=self._credits_db)
-                credits = balance
-            for bucket, cell in cells:
-                txn.put(bucket, cell, db=self._ratelimit_db)
-            txn.commit()
-        except BaseException:
-            txn.abort()
-            raise
+    def _charge(self, txn, charge, now_ms):
+        """Rate limits, then credits, inside a write transaction: written only if all pass, so
+        a denied request is charged nothing."""
+        view = charge.view
+        checks = charge.checks
+        outcomes = None
+        cells = []
+        if checks is not None:
+            outcomes = []
+            passed = True
+            for rule, rule_cost in checks:
+                ok, remaining, reset, cell = self._window(txn, rule.bucket, rule.limit, rule.duration, rule_cost, now_ms)
+                if not ok:
+                    passed = False
+                elif cell is not None:
+                    cells.append((rule.bucket, cell))
+                outcomes.append(RatelimitOutcome(
+                    rule.id, rule.name, rule.limit, rule.duration, rule.auto_apply, not ok, remaining, reset,
+                ))
+            if not passed:
+                credits = self._balance(txn, view, now_ms)[0] if view.has_credits else None
+                return VerifyResult(RATE_LIMITED, view, credits, outcomes, 0)
+        credits = None
+        cost = charge.cost
+        if view.has_credits:
+            balance, last_refill_at = self._balance(txn, view, now_ms)
+            if cost > 0 and balance < cost:
+                return VerifyResult(USAGE_EXCEEDED, view, balance, outcomes, 0)
+            balance -= cost
+            txn.put(view.credits_key, _CREDITS.pack(balance, last_refill_at))
+            credits = balance
+        for bucket, cell in cells:
+            txn.put(bucket, cell)
         return VerifyResult(VALID, view, credits, outcomes, cost)
 
     def _window(self, txn, bucket, limit, duration, cost, now_ms):
         """(passes, remaining, reset, the cell to store if it passes and costs) for one bucket:
         effective = cur + trunc(prev * (1 - elapsed)) + cost, denied if over the limit (a limit
         of 0 always denies)."""
-        seq = now_ms // duration
+        seq, cur, prev = window_counts(txn.get(bucket), now_ms // duration)
         start = seq * duration
-        cur, prev = window_counts(txn.get(bucket, db=self._ratelimit_db), seq)
-        effective = cur + weighted_previous(prev, now_ms - start, duration) + cost
+        elapsed = now_ms - start if now_ms > start else 0
+        effective = cur + weighted_previous(prev, elapsed, duration) + cost
         if limit > 0 and effective <= limit:
             cell = _CELL.pack(seq, cur + cost, prev) if cost > 0 else None
             return True, limit - effective, start + duration, cell
@@ -473,7 +538,7 @@ class Verifier:
     def limit(self, items, now_ms):
         """Check (bucket, limit, duration, cost) items all-or-nothing: counters are incremented
         only if every item passes. Returns (all passed, [LimitOutcome])."""
-        txn = self._counters.begin(write=True)
+        txn = self._counters.begin(write=True, db=self._counters_db)
         try:
             outcomes = []
             cells = []
@@ -487,7 +552,7 @@ class Verifier:
                 outcomes.append(LimitOutcome(ok, limit, remaining, reset))
             if passed:
                 for bucket, cell in cells:
-                    txn.put(bucket, cell, db=self._ratelimit_db)
+                    txn.put(bucket, cell)
                 txn.commit()
             else:
                 txn.abort()

@@ -1,7 +1,8 @@
 """The node's LMDB store: two environments and a change hint, under one data directory.
 
     <data_dir>/store/     records and their indexes; every commit is synced (durable)
-    <data_dir>/counters/  rate-limit windows and credit balances; sync off, writemap on
+    <data_dir>/counters/  rate-limit windows and credit balances (one table, see _core_py.py);
+                          sync off, writemap on
     <data_dir>/changes.hint  8 bytes, mmap'd: the newest change-log sequence number
 
 Why two environments: a verification with a rate limit or credits is one write transaction
@@ -36,6 +37,8 @@ from typing import Any
 import lmdb
 import msgspec
 
+from keysvc._fast import cell_is_expired, credits_key, is_window
+
 from . import records as r
 from .errors import NewerSchemaError, StoreError, StoreFullError, StoreLockedError, StoreUnreadableError
 
@@ -59,7 +62,6 @@ _STORE_DBS = (
     b"keys_by_identity", b"permissions", b"permission_by_slug", b"roles", b"role_by_name", b"namespaces",
     b"namespace_by_name", b"overrides", b"changes",
 )
-_COUNTER_DBS = (b"ratelimits", b"credits")
 
 
 @dataclass(frozen=True)
@@ -139,22 +141,22 @@ class LmdbStore:
                 path.mkdir(mode=0o700, parents=True, exist_ok=True)
                 if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
                     raise PermissionError(errno.EACCES, "Permission denied", str(path))
-                self.store_env = self._open(path / "store", config.map_size, sync=True)
-                self.counters_env = self._open(path / "counters", config.counters_map_size, sync=False, writemap=True)
+                self.store_env = self._open(path / "store", config.map_size, len(_STORE_DBS), sync=True)
+                self.counters_env = self._open(path / "counters", config.counters_map_size, 1, sync=False,
+                                               writemap=True)
                 self._hint_file, self.hint = self._open_hint(path / "changes.hint")
             finally:
                 os.umask(old_umask)
             self.dbs = {name.decode(): self.store_env.open_db(name) for name in _STORE_DBS}
-            self.ratelimit_db = self.counters_env.open_db(b"ratelimits")
-            self.credits_db = self.counters_env.open_db(b"credits")
+            self.counters_db = self.counters_env.open_db(b"counters")
             self._check_schema()
         except (lmdb.Error, OSError) as exc:
             raise translate_lmdb_error(exc, str(path)) from None
 
-    def _open(self, path: Path, map_size: int, **flags: bool) -> lmdb.Environment:
+    def _open(self, path: Path, map_size: int, max_dbs: int, **flags: bool) -> lmdb.Environment:
         path.mkdir(mode=0o700, exist_ok=True)
         env = lmdb.open(
-            str(path), map_size=map_size, max_dbs=len(_STORE_DBS) + 2, max_readers=self.config.max_readers,
+            str(path), map_size=map_size, max_dbs=max_dbs, max_readers=self.config.max_readers,
             mode=0o600, metasync=flags.get("sync", True), readahead=False, **flags,
         )
         # Slots of readers killed with SIGKILL would otherwise stay taken until the slots run out.
@@ -221,21 +223,22 @@ class LmdbStore:
 
     def get_credits(self, key_id: str) -> tuple[int, int] | None:
         self._check_pid()
-        with self.counters_env.begin(db=self.credits_db) as txn:
-            raw = txn.get(key_id.encode())
+        with self.counters_env.begin(db=self.counters_db) as txn:
+            raw = txn.get(credits_key(key_id))
         return None if raw is None else _CREDITS.unpack(raw)
 
     def update_credits(self, key_id: str, update: Any) -> tuple[int, int] | None:
         """Atomically replace a balance with `update(current or None)` (None deletes it)."""
         self._check_pid()
+        name = credits_key(key_id)
         try:
-            with self.counters_env.begin(write=True, db=self.credits_db) as txn:
-                raw = txn.get(key_id.encode())
+            with self.counters_env.begin(write=True, db=self.counters_db) as txn:
+                raw = txn.get(name)
                 new = update(None if raw is None else _CREDITS.unpack(raw))
                 if new is None:
-                    txn.delete(key_id.encode())
+                    txn.delete(name)
                 else:
-                    txn.put(key_id.encode(), _CREDITS.pack(*new))
+                    txn.put(name, _CREDITS.pack(*new))
             self.sync_counters()
         except (lmdb.Error, OSError) as exc:
             raise translate_lmdb_error(exc, str(self.path)) from None
@@ -245,9 +248,9 @@ class LmdbStore:
         """Set (key id, remaining, last refill) balances in one transaction, synced."""
         self._check_pid()
         try:
-            with self.counters_env.begin(write=True, db=self.credits_db) as txn:
+            with self.counters_env.begin(write=True, db=self.counters_db) as txn:
                 for key_id, remaining, last_refill_at in balances:
-                    txn.put(key_id.encode(), _CREDITS.pack(remaining, last_refill_at))
+                    txn.put(credits_key(key_id), _CREDITS.pack(remaining, last_refill_at))
             self.sync_counters()
         except (lmdb.Error, OSError) as exc:
             raise translate_lmdb_error(exc, str(self.path)) from None
@@ -257,16 +260,16 @@ class LmdbStore:
         self.counters_env.sync(True)
 
     def sweep_ratelimits(self, now_ms: int, max_items: int = 10_000, start: bytes = b"") -> bytes:
-        """Delete rate-limit cells whose both windows have passed; resumable from the returned key."""
-        from keysvc._fast import cell_is_expired
-
+        """Delete rate-limit cells whose both windows have passed, looking at up to `max_items`
+        entries; resumable from the returned key (b"" when the table's end was reached)."""
         self._check_pid()
-        with self.counters_env.begin(write=True, db=self.ratelimit_db) as txn:
+        with self.counters_env.begin(write=True, db=self.counters_db) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(start):
                 return b""
             for _ in range(max_items):
-                if cell_is_expired(cursor.key(), cursor.value(), now_ms):
+                key = cursor.key()
+                if is_window(key) and cell_is_expired(key, cursor.value(), now_ms):
                     if not cursor.delete():
                         return b""
                 elif not cursor.next():
