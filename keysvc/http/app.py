@@ -143,6 +143,8 @@ class App:
                 answer = await asyncio.get_running_loop().run_in_executor(None, route.handler, context, request)
             else:
                 answer = route.handler(context, request)
+                if route.awaitable:
+                    answer = await answer
         except KeysvcError as exc:
             raise HttpError.from_domain(exc) from None
         except PermissionQuerySyntaxError as exc:

@@ -7,6 +7,8 @@ from keysvc.config import Config
 from keysvc.management import Management
 from keysvc.store import LmdbStore, StoreConfig
 
+from .batching import VerifyBatcher
+
 
 class Node:
     def __init__(self, config: Config) -> None:
@@ -17,6 +19,7 @@ class Node:
             counters_map_size=config.storage.counters_map_size,
         ))
         self.verifier = Verifier(self.store, cache_size=config.cache.keys)
+        self.batcher = VerifyBatcher(self.verifier)
         self.manage = Management(self.store)
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 and validates with and the OpenAPI document is generated from."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ class Route:
     blocking: bool = False
     auth: bool = True
     paginated: bool = False
+    awaitable: bool = False  # an `async def` handler
 
 
 ROUTES: dict[str, Route] = {}
@@ -68,7 +70,7 @@ def route(
         decoder = msgspec.json.Decoder(request_type) if request_type is not None else None
         summary = (handler.__doc__ or "").strip().splitlines()[0] if handler.__doc__ else path
         ROUTES[path] = Route(path, method, handler, request_type, response_type, decoder, summary, blocking, auth,
-                             paginated)
+                             paginated, inspect.iscoroutinefunction(handler))
         return handler
 
     return register

@@ -13,7 +13,6 @@ from keysvc.management import (
     KeySpec,
     RatelimitSpec,
     make_refill,
-    now_ms,
 )
 from keysvc.store import records as r
 
@@ -102,7 +101,7 @@ _NOWHERE: frozenset[str] = frozenset()
 
 
 @route("/v2/keys.verifyKey", VerifyKeyRequest, VerifyKeyData)
-def verify_key(ctx: Any, body: VerifyKeyRequest) -> VerifyKeyData:
+async def verify_key(ctx: Any, body: VerifyKeyRequest) -> VerifyKeyData:
     """Verify a key: 200 with `valid` and `code` for every outcome."""
     scope = verify_scope(ctx.root)
     if scope == _NOWHERE:  # a root key that may verify nothing learns nothing
@@ -114,15 +113,14 @@ def verify_key(ctx: Any, body: VerifyKeyRequest) -> VerifyKeyData:
              None if rl.duration is UNSET else rl.duration)
             for rl in body.ratelimits
         ]
-    result = ctx.node.verifier.verify(
+    result = await ctx.node.batcher.verify((
         body.key,
-        now_ms(),
         None if body.permissions is UNSET else body.permissions,
         -1 if body.credits is UNSET else body.credits.cost,
         ratelimits,
         scope,
         None if body.keyspaces is UNSET else frozenset(body.keyspaces),
-    )
+    ))
     return verify_answer(result)
 
 
