@@ -28,10 +28,24 @@ class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keys: int = 200_000  # decoded key records per worker
 
 
+class AnalyticsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    # None: the embedded chDB engine, under <data_dir>/chdb. Else a ClickHouse server, e.g.
+    # http://user:password@clickhouse:8123/default.
+    clickhouse_url: str | None = None
+    batch_size: int = 10_000  # rows per insert
+    flush_interval: float = 5.0  # seconds: a smaller batch goes after this long
+    spool_cap_bytes: int = 1 * GiB  # past it the oldest events are dropped (and counted)
+    spool_map_size: int = 4 * GiB
+    query_timeout: float = 10.0  # seconds, for analytics.get* queries
+    drain_timeout: float = 10.0  # seconds the flusher may keep flushing after SIGTERM
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    analytics: AnalyticsConfig = msgspec.field(default_factory=AnalyticsConfig)
 
     def workers(self) -> int:
         return self.server.workers or os.cpu_count() or 1

@@ -31,12 +31,14 @@ routes.register_all()
 class Context:
     """What a handler gets besides its decoded request."""
 
-    __slots__ = ("node", "root", "request_id")
+    __slots__ = ("node", "root", "request_id", "record_analytics")
 
-    def __init__(self, node: Node, root: Any, request_id: str) -> None:
+    def __init__(self, node: Node, root: Any, request_id: str, record_analytics: bool) -> None:
         self.node = node
         self.root = root
         self.request_id = request_id
+        # `X-Unkey-Metrics: disabled` asks that the ratelimit API record no event.
+        self.record_analytics = record_analytics
 
 
 class App:
@@ -76,6 +78,7 @@ class App:
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = envelope.request_id()
         accept = authorization = content_length = None
+        record_analytics = True
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
@@ -83,6 +86,8 @@ class App:
                 accept = value
             elif name == b"content-length":
                 content_length = value
+            elif name == b"x-unkey-metrics":
+                record_analytics = value.strip().lower() != b"disabled"
         status = 200
         content_type = envelope.JSON
         headers: list[tuple[bytes, bytes]] = []
@@ -96,7 +101,7 @@ class App:
                                 f"{scope['path']} takes {route.method}, not {scope['method']}.",
                                 headers=[(b"allow", route.method.encode())])
             body = await self.read_body(receive, content_length) if route.method == "POST" else b""
-            payload = await self.dispatch(route, body, request_id, authorization)
+            payload = await self.dispatch(route, body, request_id, authorization, record_analytics)
         except HttpError as exc:
             status, payload, headers = exc.status, envelope.failure(request_id, exc), exc.headers
             content_type = envelope.error_content_type(accept)
@@ -133,12 +138,13 @@ class App:
         return HttpError(413, "unkey/application/request_too_large",
                          f"The request body is larger than {self.max_body} bytes.")
 
-    async def dispatch(self, route: Route, body: bytes, request_id: str, authorization: bytes | None) -> bytes:
+    async def dispatch(self, route: Route, body: bytes, request_id: str, authorization: bytes | None,
+                       record_analytics: bool) -> bytes:
         try:
             node = self.open()
             root = authenticate(node, authorization) if route.auth else None
             request = decode(route, body) if route.decoder is not None else None
-            context = Context(node, root, request_id)
+            context = Context(node, root, request_id, record_analytics)
             if route.blocking:
                 answer = await asyncio.get_running_loop().run_in_executor(None, route.handler, context, request)
             else:

@@ -3,6 +3,7 @@ operations. Opened in the worker, after Granian has forked it."""
 from __future__ import annotations
 
 from keysvc._fast import Verifier
+from keysvc.analytics.spool import Spool
 from keysvc.config import Config
 from keysvc.management import Management
 from keysvc.store import LmdbStore, StoreConfig
@@ -19,8 +20,13 @@ class Node:
             counters_map_size=config.storage.counters_map_size,
         ))
         self.verifier = Verifier(self.store, cache_size=config.cache.keys)
-        self.batcher = VerifyBatcher(self.verifier)
+        self.spool = None
+        if config.analytics.enabled:
+            self.spool = Spool(config.storage.data_dir, config.analytics.spool_map_size)
+        self.batcher = VerifyBatcher(self.verifier, self.spool)
         self.manage = Management(self.store)
 
     def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
         self.store.close()

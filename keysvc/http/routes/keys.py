@@ -120,7 +120,7 @@ async def verify_key(ctx: Any, body: VerifyKeyRequest) -> VerifyKeyData:
         ratelimits,
         scope,
         None if body.keyspaces is UNSET else frozenset(body.keyspaces),
-    ))
+    ), ctx.request_id, [] if body.tags is UNSET else body.tags)
     return verify_answer(result)
 
 

@@ -1,12 +1,14 @@
 """ratelimit.*: standalone rate limits by namespace and identifier, with overrides."""
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from keysvc._fast import NAMESPACE_LIMITS, bucket_key
+from keysvc.analytics import events
 from keysvc.errors import NotFound
 from keysvc.management import now_ms
 from keysvc.store import records as r
@@ -104,11 +106,30 @@ def _checks(ctx: Any, items: list[LimitRequest]) -> tuple[list[Any], list[tuple[
     return checks, resolved
 
 
+def _record(ctx: Any, items: list[LimitRequest], checks: list[Any], resolved: list[Any], outcomes: list[Any],
+            now: int, started: float) -> None:
+    if ctx.node.spool is None or not ctx.record_analytics:
+        return
+    latency = (time.perf_counter() - started) * 1000
+    ctx.node.spool.append([
+        events.encode(events.RatelimitEvent(
+            ctx.request_id, now, namespace.id, item.identifier, o.passed, latency, override.id if override else "",
+            o.limit, o.remaining, o.reset, check[3],
+        ))
+        for item, check, (namespace, override), o in zip(items, checks, resolved, outcomes)
+    ])
+
+
 @route("/v2/ratelimit.limit", LimitRequest, LimitData)
 def limit(ctx: Any, body: LimitRequest) -> LimitData:
     """Count one request of an identifier against a limit (sliding window)."""
-    checks, [(_, override)] = _checks(ctx, [body])
-    _, [outcome] = ctx.node.verifier.limit(checks, now_ms())
+    started = time.perf_counter()
+    checks, resolved = _checks(ctx, [body])
+    now = now_ms()
+    _, outcomes = ctx.node.verifier.limit(checks, now)
+    _record(ctx, [body], checks, resolved, outcomes, now, started)
+    outcome = outcomes[0]
+    override = resolved[0][1]
     return LimitData(limit=outcome.limit, remaining=outcome.remaining, reset=outcome.reset, success=outcome.passed,
                      override_id=override.id if override else UNSET)
 
@@ -116,8 +137,11 @@ def limit(ctx: Any, body: LimitRequest) -> LimitData:
 @route("/v2/ratelimit.multiLimit", Annotated[list[LimitRequest], Meta(min_length=1, max_length=100)], MultiLimitData)
 def multi_limit(ctx: Any, body: list[LimitRequest]) -> MultiLimitData:
     """Several limits at once, all or nothing: counted only if every one passes."""
+    started = time.perf_counter()
     checks, resolved = _checks(ctx, body)
-    passed, outcomes = ctx.node.verifier.limit(checks, now_ms())
+    now = now_ms()
+    passed, outcomes = ctx.node.verifier.limit(checks, now)
+    _record(ctx, body, checks, resolved, outcomes, now, started)
     return MultiLimitData(passed=passed, limits=[
         MultiLimitCheck(namespace=item.namespace, identifier=item.identifier, limit=o.limit, remaining=o.remaining,
                         reset=o.reset, passed=o.passed, override_id=override.id if override else UNSET)

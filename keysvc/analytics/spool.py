@@ -1,0 +1,154 @@
+"""The node's event spool: an LMDB environment every worker appends to and the flusher drains.
+
+Appending costs one small write transaction (writemap, no fsync) per batch of events and no
+network I/O. Like the counters, a commit survives `kill -9` of any process; an OS crash can
+lose the last unsynced ones. Entries are keyed by a sequence number kept in the environment,
+never reused even when the spool empties, so that a range of it names a batch forever: the
+flusher's deduplication token.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+from pathlib import Path
+
+import lmdb
+
+log = logging.getLogger("keysvc.analytics")
+
+_SEQ = struct.Struct(">Q")
+_NEXT = b"next"
+_DROPPED = b"dropped"
+_INFLIGHT = b"inflight"
+_EPOCH = b"epoch"
+
+
+class Spool:
+    def __init__(self, data_dir: str, map_size: int) -> None:
+        path = Path(data_dir) / "spool"
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=2, mode=0o600, sync=False, metasync=False,
+                             writemap=True, readahead=False)
+        self.env.reader_check()
+        self.events = self.env.open_db(b"events")
+        self.meta = self.env.open_db(b"meta")
+        self._failures_logged_at = 0.0
+        with self.env.begin(write=True, db=self.meta) as txn:
+            if txn.get(_EPOCH) is None:
+                txn.put(_EPOCH, os.urandom(8).hex().encode())
+            self.epoch = txn.get(_EPOCH).decode()
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- the workers' side -----------------------------------------------------------------------
+
+    def append(self, events: list[bytes]) -> bool:
+        """Spool encoded events in one transaction. Never raises: analytics must not fail a
+        request; a full spool counts the events as dropped (and says so, at most once a minute)."""
+        try:
+            with self.env.begin(write=True, db=self.events) as txn:
+                raw = txn.get(_NEXT, db=self.meta)
+                seq = _SEQ.unpack(raw)[0] if raw is not None else 1
+                for event in events:
+                    txn.put(_SEQ.pack(seq), event, append=True)
+                    seq += 1
+                txn.put(_NEXT, _SEQ.pack(seq), db=self.meta)
+            return True
+        except lmdb.Error as exc:
+            self._count_dropped(len(events), f"the event spool refused {len(events)} event(s): {exc}")
+            return False
+
+    def _count_dropped(self, count: int, reason: str) -> None:
+        try:
+            with self.env.begin(write=True, db=self.meta) as txn:
+                raw = txn.get(_DROPPED)
+                txn.put(_DROPPED, _SEQ.pack((_SEQ.unpack(raw)[0] if raw else 0) + count))
+        except lmdb.Error:
+            pass
+        now = time.monotonic()
+        if now - self._failures_logged_at >= 60:
+            self._failures_logged_at = now
+            log.error("%s; dropped events are counted in keysvc_analytics_dropped_events_total", reason)
+
+    # -- the flusher's side --------------------------------------------------------------------------
+
+    def read(self, max_items: int, start: int = 0) -> list[tuple[int, bytes]]:
+        """The oldest spooled (sequence, event) pairs from `start` on."""
+        out = []
+        with self.env.begin(db=self.events) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(_SEQ.pack(start)):
+                return out
+            for key, value in cursor:
+                out.append((_SEQ.unpack(key)[0], value))
+                if len(out) >= max_items:
+                    break
+        return out
+
+    def range(self, first: int, last: int) -> list[tuple[int, bytes]]:
+        return [(seq, value) for seq, value in self.read(last - first + 1, first) if seq <= last]
+
+    def inflight(self) -> tuple[int, int] | None:
+        """The batch being written to ClickHouse when the flusher last stopped, if any."""
+        with self.env.begin(db=self.meta) as txn:
+            raw = txn.get(_INFLIGHT)
+        return None if raw is None else (_SEQ.unpack(raw[:8])[0], _SEQ.unpack(raw[8:])[0])
+
+    def begin_flight(self, first: int, last: int) -> None:
+        with self.env.begin(write=True, db=self.meta) as txn:
+            txn.put(_INFLIGHT, _SEQ.pack(first) + _SEQ.pack(last))
+        self.env.sync(True)
+
+    def land(self, first: int, last: int) -> None:
+        """ClickHouse has the batch: remove it from the spool, and the in-flight mark with it."""
+        with self.env.begin(write=True, db=self.events) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(_SEQ.pack(first)):
+                while _SEQ.unpack(cursor.key())[0] <= last and cursor.delete():
+                    pass
+            txn.delete(_INFLIGHT, db=self.meta)
+        self.env.sync(True)
+
+    def depth(self) -> int:
+        with self.env.begin() as txn:
+            return txn.stat(self.events)["entries"]
+
+    def size_bytes(self) -> int:
+        with self.env.begin() as txn:
+            stat = txn.stat(self.events)
+        return stat["psize"] * (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"])
+
+    def dropped(self) -> int:
+        with self.env.begin(db=self.meta) as txn:
+            raw = txn.get(_DROPPED)
+        return _SEQ.unpack(raw)[0] if raw else 0
+
+    def enforce_cap(self, cap_bytes: int, chunk: int = 10_000) -> int:
+        """Drop the oldest events (never the in-flight batch) until the spool is under its cap."""
+        dropped = 0
+        inflight = self.inflight()
+        while self.size_bytes() > cap_bytes:
+            with self.env.begin(write=True, db=self.events) as txn:
+                cursor = txn.cursor()
+                if not cursor.first():
+                    break
+                removed = 0
+                while removed < chunk:
+                    seq = _SEQ.unpack(cursor.key())[0]
+                    if inflight is not None and inflight[0] <= seq <= inflight[1]:
+                        if not cursor.next():
+                            break
+                        continue
+                    if not cursor.delete():
+                        break
+                    removed += 1
+            if removed == 0:
+                break
+            dropped += removed
+        if dropped:
+            self._count_dropped(dropped, f"the event spool is over its cap of {cap_bytes} bytes: dropped the "
+                                         f"oldest {dropped} event(s)")
+        return dropped
