@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -53,6 +54,17 @@ def store(data_dir: Path) -> Iterator[LmdbStore]:
 @pytest.fixture
 def manage(store: LmdbStore) -> Management:
     return Management(store)
+
+
+@pytest.fixture(params=[False, True], ids=["compiled", "python"])
+def twin(request: pytest.FixtureRequest) -> tuple[dict[str, str], bool]:
+    """For tests that start processes: their environment, and whether their hot path must be
+    the compiled twin (else KEYSVC_NO_EXTENSIONS=1 selects the pure-Python one)."""
+    env = dict(os.environ)
+    env.pop("KEYSVC_NO_EXTENSIONS", None)
+    if request.param:
+        env["KEYSVC_NO_EXTENSIONS"] = "1"
+    return env, not request.param
 
 
 @pytest.fixture

@@ -230,16 +230,6 @@ class Child:
         self._stderr.close()
 
 
-@pytest.fixture(params=[False, True], ids=["compiled", "python"])
-def twin(request: pytest.FixtureRequest) -> tuple[dict[str, str], bool]:
-    """The children's environment and whether their hot path must be the compiled twin."""
-    env = dict(os.environ)
-    env.pop("KEYSVC_NO_EXTENSIONS", None)
-    if request.param:
-        env["KEYSVC_NO_EXTENSIONS"] = "1"
-    return env, not request.param
-
-
 @pytest.fixture
 def spawn(tmp_path: Path, data_dir: Path, twin) -> Iterator[Callable[..., Child]]:
     """spawn(mode, **cfg) -> a ready child on the test's data dir; all stopped at teardown."""

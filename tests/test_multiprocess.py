@@ -160,16 +160,6 @@ class Worker:
         self._stderr.close()
 
 
-@pytest.fixture(params=[False, True], ids=["compiled", "python"])
-def twin(request: pytest.FixtureRequest) -> tuple[dict[str, str], bool]:
-    """The environment of the workers and whether their hot path must be the compiled twin."""
-    env = dict(os.environ)
-    env.pop("KEYSVC_NO_EXTENSIONS", None)
-    if request.param:
-        env["KEYSVC_NO_EXTENSIONS"] = "1"
-    return env, not request.param
-
-
 @pytest.fixture
 def start_workers(tmp_path: Path, store: LmdbStore, twin) -> Iterator:
     """start_workers(n) -> n ready workers on the fixture's data dir; all stopped at teardown."""

@@ -477,29 +477,25 @@ def _current_role_names(ctx: Any, key: r.Key) -> list[str]:
         return [role.name for role in map(reader.role, key.role_ids) if role is not None]
 
 
+def _changed(current: list[str], given: list[str], change: str) -> list[str]:
+    """The set after an add, remove or set, in order: what was there first, then what was added."""
+    if change == "add":
+        return current + [item for item in dict.fromkeys(given) if item not in current]
+    if change == "remove":
+        removed = set(given)
+        return [item for item in current if item not in removed]
+    return list(given)
+
+
 def _change_permissions(ctx: Any, body: KeyPermissionsRequest, change: str) -> list[PermissionData]:
     key = key_for_update(ctx, body.key_id)
-    current = _current_slugs(ctx, key)
-    if change == "add":
-        wanted = current + [p for p in body.permissions if p not in current]
-    elif change == "remove":
-        wanted = [p for p in current if p not in set(body.permissions)]
-    else:
-        wanted = list(body.permissions)
-    ctx.node.manage.update_key(body.key_id, permissions=wanted)
+    ctx.node.manage.update_key(body.key_id, permissions=_changed(_current_slugs(ctx, key), body.permissions, change))
     return key_permissions(ctx, body.key_id)
 
 
 def _change_roles(ctx: Any, body: KeyRolesRequest, change: str) -> list[RoleData]:
     key = key_for_update(ctx, body.key_id)
-    current = _current_role_names(ctx, key)
-    if change == "add":
-        wanted = current + [role for role in body.roles if role not in current]
-    elif change == "remove":
-        wanted = [role for role in current if role not in set(body.roles)]
-    else:
-        wanted = list(body.roles)
-    ctx.node.manage.update_key(body.key_id, roles=wanted)
+    ctx.node.manage.update_key(body.key_id, roles=_changed(_current_role_names(ctx, key), body.roles, change))
     return key_roles(ctx, body.key_id)
 
 
