@@ -12,6 +12,8 @@ from keysvc import __version__
 from keysvc.config import Config, load
 from keysvc.store import LmdbStore, StoreConfig, StoreError
 
+FLUSHER_STOP_MARGIN = 10.0  # seconds the flusher gets past its drain_timeout to stop before SIGKILL
+
 
 def _doctor(args: argparse.Namespace) -> int:
     store = LmdbStore(StoreConfig(data_dir=args.data_dir))
@@ -57,21 +59,34 @@ def _serve(args: argparse.Namespace) -> int:
         workers = config.workers()
         print(f"keysvc {__version__} serving http://{config.server.host}:{config.server.port} with {workers} "
               f"worker(s), data in {data_dir}", file=sys.stderr, flush=True)
-        Granian(
-            "keysvc.http.app:create_app",
-            factory=True,
-            address=config.server.host,
-            port=config.server.port,
-            interface="asgi",
-            loop="uvloop",
-            http="auto",
-            websockets=False,
-            workers=workers,
-            respawn_failed_workers=True,
-            respawn_interval=0.5,
-            workers_kill_timeout=10,
-            log_level="warning",
-        ).serve()
+        # The analytics flusher: its own process (it alone opens chDB), started before Granian
+        # forks the workers and stopped after they have stopped, so that their last events are
+        # flushed; restarted by the supervisor's thread whenever it exits meanwhile.
+        flusher = None
+        if config.analytics.enabled:
+            from keysvc.analytics.flusher import Supervisor
+
+            flusher = Supervisor()
+            flusher.start()
+        try:
+            Granian(
+                "keysvc.http.app:create_app",
+                factory=True,
+                address=config.server.host,
+                port=config.server.port,
+                interface="asgi",
+                loop="uvloop",
+                http="auto",
+                websockets=False,
+                workers=workers,
+                respawn_failed_workers=True,
+                respawn_interval=0.5,
+                workers_kill_timeout=10,
+                log_level="warning",
+            ).serve()
+        finally:
+            if flusher is not None:
+                flusher.stop(config.analytics.drain_timeout + FLUSHER_STOP_MARGIN)
     return 0
 
 

@@ -509,7 +509,7 @@ def test_head_is_a_405_without_a_body(server: Server) -> None:
 
 
 UNKNOWN_PATHS = ["/v2/keys.nope", "/v2/", "/nope", "/", "/v2", "/v2/keys.createKey/", "/v2/keys.createkey",
-                 "/V2/keys.createKey", "/v1/keys.verifyKey", "//v2/keys.verifyKey", "/v2/analytics.getVerifications",
+                 "/V2/keys.createKey", "/v1/keys.verifyKey", "//v2/keys.verifyKey", "/v2/analytics.getGatewayRequests",
                  "/v2/rootKeys.createKey", "/v2/workspace.getLimits", "/v3/deployments.createDeployment",
                  "/v2/liveness/", "/openapi.yaml"]
 
@@ -674,6 +674,7 @@ CONTRACT_PATHS = {f"/v2/{op}" for op in [
     *(f"permissions.{o}" for o in ["createPermission", "getPermission", "listPermissions", "deletePermission",
                                    "updatePermission", "createRole", "getRole", "listRoles", "deleteRole",
                                    "updateRole", "setRolePermissions"]),
+    "analytics.getVerifications", "analytics.getRatelimits",
     "liveness",
 ]}
 

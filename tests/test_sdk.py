@@ -1121,9 +1121,9 @@ def test_invalid_body_is_bad_request(unkey: Unkey, api_id: str) -> None:
 
 
 def test_unserved_sdk_group_is_a_404_envelope(unkey: Unkey) -> None:
-    """keysvc has no analytics: the SDK's call gets a proper 404 error envelope, not a crash."""
+    """keysvc serves no gateway: the SDK's call gets a proper 404 error envelope, not a crash."""
     with pytest.raises(errors.UnkeyError) as raised:
-        unkey.analytics.get_verifications(query="SELECT count(*) FROM key_verifications_v1")
+        unkey.analytics.get_gateway_requests(query="SELECT count(*) FROM gateway_requests_v1")
     assert raised.value.status_code == 404
     body = error_json(raised.value)
     assert body["error"]["status"] == 404

@@ -61,6 +61,10 @@ class Spool:
             self._count_dropped(len(events), f"the event spool refused {len(events)} event(s): {exc}")
             return False
 
+    def count_dropped(self, count: int, reason: str) -> None:
+        """Count events lost on the flusher's side (e.g. records that could not be decoded)."""
+        self._count_dropped(count, reason)
+
     def _count_dropped(self, count: int, reason: str) -> None:
         try:
             with self.env.begin(write=True, db=self.meta) as txn:
@@ -107,7 +111,8 @@ class Spool:
         with self.env.begin(write=True, db=self.events) as txn:
             cursor = txn.cursor()
             if cursor.set_range(_SEQ.pack(first)):
-                while _SEQ.unpack(cursor.key())[0] <= last and cursor.delete():
+                # delete() moves to the next entry; past the last one the cursor has no key.
+                while (key := cursor.key()) and _SEQ.unpack(key)[0] <= last and cursor.delete():
                     pass
             txn.delete(_INFLIGHT, db=self.meta)
         self.env.sync(True)
@@ -130,14 +135,20 @@ class Spool:
         """Drop the oldest events (never the in-flight batch) until the spool is under its cap."""
         dropped = 0
         inflight = self.inflight()
-        while self.size_bytes() > cap_bytes:
+        while (size := self.size_bytes()) > cap_bytes:
+            # About the excess, from the events' mean size (so that a small cap is not emptied by
+            # one whole chunk), at most `chunk` per transaction.
+            step = max(1, min(chunk, (size - cap_bytes) * self.depth() // size + 1))
             with self.env.begin(write=True, db=self.events) as txn:
                 cursor = txn.cursor()
                 if not cursor.first():
                     break
                 removed = 0
-                while removed < chunk:
-                    seq = _SEQ.unpack(cursor.key())[0]
+                while removed < step:
+                    key = cursor.key()
+                    if not key:  # past the last entry
+                        break
+                    seq = _SEQ.unpack(key)[0]
                     if inflight is not None and inflight[0] <= seq <= inflight[1]:
                         if not cursor.next():
                             break

@@ -2,5 +2,5 @@
 
 
 def register_all() -> None:
-    from . import apis, identities, keys, liveness, permissions, ratelimit  # noqa: F401  (they register)
+    from . import analytics, apis, identities, keys, liveness, permissions, ratelimit  # noqa: F401  (they register)
     from .. import openapi  # noqa: F401
