@@ -13,14 +13,19 @@ REQUEST = {"rename": "camel", "forbid_unknown_fields": True, "kw_only": True}
 RESPONSE = {"rename": "camel", "omit_defaults": True, "kw_only": True}
 
 MAX_INT64 = (1 << 63) - 1
+MIN_INT64 = -(1 << 63)
+
+# msgspec checks patterns with Python's re, where `$` also matches before a final newline; in
+# JSON Schema's (ECMA-262) it does not. `$(?!\n)` is the end of the string in both.
+END_OF_STRING = r"$(?!\n)"
 MAX_EXPIRES = 4_102_444_800_000
 
 Id = Annotated[str, Meta(min_length=3, max_length=255)]
-ApiId = Annotated[str, Meta(min_length=3, max_length=255, pattern=r"^[a-zA-Z0-9_]+$")]
-ExternalId = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[a-zA-Z0-9_.-]+$")]
+ApiId = Annotated[str, Meta(min_length=3, max_length=255, pattern=r"^[a-zA-Z0-9_]+" + END_OF_STRING)]
+ExternalId = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[a-zA-Z0-9_.-]+" + END_OF_STRING)]
 Name = Annotated[str, Meta(min_length=1, max_length=255)]
 KeyString = Annotated[str, Meta(min_length=1, max_length=512)]
-PermissionSlug = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9_:\-.*]+$")]
+PermissionSlug = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9_:\-.*]+" + END_OF_STRING)]
 RoleName = Annotated[str, Meta(min_length=1, max_length=128)]
 Expires = Annotated[int, Meta(ge=0, le=MAX_EXPIRES)]
 Credits = Annotated[int, Meta(ge=0, le=MAX_INT64)]
@@ -96,6 +101,23 @@ class KeyResponseData(msgspec.Struct, **RESPONSE):
 
 class Empty(msgspec.Struct):
     pass
+
+
+def checked_meta(meta: Any, location: str = "body.meta") -> Any:
+    """`meta` may hold any JSON, but it is stored as msgpack and read by 64-bit clients: its
+    integers must fit 64 bits. Raises a 400 at `location` otherwise."""
+    stack = [meta]
+    while stack:
+        value = stack.pop()
+        if type(value) is int and not MIN_INT64 <= value <= MAX_INT64:
+            from .errors import bad_request
+
+            raise bad_request(f"{location} holds an integer outside the 64-bit range: {value}", location)
+        if type(value) is dict:
+            stack.extend(value.values())
+        elif type(value) is list:
+            stack.extend(value)
+    return meta
 
 
 def unset_if_none(value: Any) -> Any:

@@ -10,7 +10,17 @@ from keysvc.store import records as r
 
 from ..auth import require
 from ..routing import META_ONLY, Page, route
-from ..wire import REQUEST, RESPONSE, Cursor, ExternalId, MetaObject, RatelimitRequest, RatelimitResponse, unset_if_none
+from ..wire import (
+    REQUEST,
+    RESPONSE,
+    Cursor,
+    ExternalId,
+    MetaObject,
+    RatelimitRequest,
+    RatelimitResponse,
+    checked_meta,
+    unset_if_none,
+)
 from .keys import ratelimit_answer, ratelimit_specs
 
 
@@ -57,7 +67,7 @@ def create_identity(ctx: Any, body: CreateIdentityRequest) -> CreateIdentityData
     """Create an identity; its rate limits are shared by all its keys."""
     require(ctx.root, "identity", "create_identity")
     identity = ctx.node.manage.create_identity(
-        body.external_id, None if body.meta is UNSET else body.meta, ratelimit_specs(body.ratelimits))
+        body.external_id, None if body.meta is UNSET else checked_meta(body.meta), ratelimit_specs(body.ratelimits))
     return CreateIdentityData(identity_id=identity.id)
 
 
@@ -73,7 +83,7 @@ def update_identity(ctx: Any, body: UpdateIdentityRequest) -> IdentityData:
     """Update an identity's meta or rate limits (limits are replaced, kept by name)."""
     require(ctx.root, "identity", "update_identity")
     identity = ctx.node.manage.update_identity(
-        body.identity, meta=body.meta,
+        body.identity, meta=checked_meta(body.meta),
         ratelimits=UNSET if body.ratelimits is UNSET else ratelimit_specs(body.ratelimits),
     )
     return identity_data(identity)

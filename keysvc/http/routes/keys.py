@@ -42,6 +42,8 @@ from ..wire import (
     Refill,
     RefillResponse,
     RoleName,
+    checked_meta,
+    END_OF_STRING,
     unset_if_none,
 )
 
@@ -174,7 +176,7 @@ def ratelimit_answer(rl: r.RatelimitConfig) -> RatelimitResponse:
 
 class CreateKeyRequest(msgspec.Struct, **REQUEST):
     api_id: ApiId
-    prefix: Annotated[str, Meta(min_length=1, max_length=16, pattern=r"^[a-zA-Z0-9_]+$")] | UnsetType = UNSET
+    prefix: Annotated[str, Meta(min_length=1, max_length=16, pattern=r"^[a-zA-Z0-9_]+" + END_OF_STRING)] | UnsetType = UNSET
     name: Name | UnsetType = UNSET
     byte_length: Annotated[int, Meta(ge=16, le=255)] | UnsetType = UNSET
     external_id: ExternalId | UnsetType = UNSET
@@ -227,7 +229,7 @@ def create_key(ctx: Any, body: CreateKeyRequest) -> CreateKeyData:
         name=value(body.name),
         byte_length=value(body.byte_length),
         external_id=value(body.external_id),
-        meta=value(body.meta),
+        meta=checked_meta(value(body.meta)),
         roles=value(body.roles, ()),
         permissions=value(body.permissions, ()),
         expires=value(body.expires),
@@ -355,7 +357,7 @@ def update_key(ctx: Any, body: UpdateKeyRequest) -> Empty:
         body.key_id,
         name=body.name,
         external_id=body.external_id,
-        meta=body.meta,
+        meta=checked_meta(body.meta),
         expires=body.expires,
         remaining=remaining,
         refill=refill,
@@ -575,7 +577,8 @@ def migrate_keys(ctx: Any, body: MigrateKeysRequest) -> MigrateKeysData:
     for item in body.keys:
         spec = KeySpec(
             api_id=body.api_id, name=value(item.name), external_id=value(item.external_id),
-            meta=value(item.meta), roles=value(item.roles, ()), permissions=value(item.permissions, ()),
+            meta=checked_meta(value(item.meta), f"body.keys[{len(items)}].meta"), roles=value(item.roles, ()),
+            permissions=value(item.permissions, ()),
             expires=value(item.expires), credits=credits_spec(item.credits),
             ratelimits=ratelimit_specs(item.ratelimits), enabled=item.enabled,
         )
