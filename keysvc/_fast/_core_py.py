@@ -2,12 +2,12 @@
 run the checks in the contract's order, and apply rate limits and credits in one LMDB write
 transaction shared by every worker of the node.
 
-    Verifier.verify(key, now_ms, ...)             -> VerifyResult
-      hash_key (blake3)                              the cache is keyed by the digest, never the key
-      _sync_cache -> store.change_hint()             one 8-byte read; replays the change log if it moved
-      _cache.get(digest) or _load -> store.resolve   miss: one LMDB read txn, decoded once into a KeyView
-      enabled, expires, api scope, permissions       from the KeyView, no I/O
-      _charge -> counters env write txn              all rate limits, then credits: all or nothing
+    Verifier.verify(key, now_ms, ...)  (or verify_batch: many, one write txn)  -> VerifyResult
+      hash_key (blake3)                                the cache is keyed by the digest, never the key
+      _sync_cache -> store.change_hint()               one 8-byte read; replays the change log if it moved
+      _cache.get(digest) or _load -> store.resolve_key  miss: one LMDB read txn, decoded into a KeyView
+      enabled, expires, api scope, permissions         from the KeyView, no I/O
+      _charge -> counters env write txn                all rate limits, then credits: all or nothing
 
 One source, two twins: Cython compiles this file as `_core_c` (through the `_core_c.py`
 link, with the declarations in `_core_c.pxd`), and Python runs it as `_core_py`.
