@@ -171,15 +171,7 @@ CREATE TABLE IF NOT EXISTS {table} (
 ORDER BY (workspace_id, time, key_space_id, identity_id, external_id, key_id, outcome, tags, source, app_id)
 TTL time + INTERVAL {_TTL[grain]} DELETE
 SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}""",
-        f"""
-CREATE MATERIALIZED VIEW IF NOT EXISTS {view} TO {table} AS
-SELECT
-    {bucket} AS time,
-    {keys},
-    toInt64(count()) AS count,
-    toInt64(sum(r.spent_credits)) AS spent_credits,{_latency_states("state")}
-FROM {VERIFICATIONS_TABLE} AS r
-GROUP BY time, {keys}""",
+        _verification_feed(grain, view, table, keys, bucket),
         f"""
 CREATE VIEW IF NOT EXISTS {alias} AS
 SELECT
@@ -189,6 +181,38 @@ SELECT
 FROM {table} AS t
 GROUP BY time, key_space_id, identity_id, external_id, key_id, outcome, tags""",
     ]
+
+
+# Each coarser rollup is fed by the one before it, not by the raw rows: an insert of 10,000 rows
+# becomes one row per key, outcome and minute in the minute rollup, and only those go further.
+_COARSER = {"hour": ("minute", "toStartOfHour(t.time)"), "day": ("hour", "toDate(t.time)"),
+            "month": ("day", "toStartOfMonth(t.time)")}
+
+
+def _verification_feed(grain: str, view: str, table: str, keys: str, bucket: str) -> str:
+    if grain not in _COARSER:
+        return f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {view} TO {table} AS
+SELECT
+    {bucket} AS time,
+    {keys},
+    toInt64(count()) AS count,
+    toInt64(sum(r.spent_credits)) AS spent_credits,{_latency_states("state")}
+FROM {VERIFICATIONS_TABLE} AS r
+GROUP BY time, {keys}"""
+    finer, roll = _COARSER[grain]
+    return f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {view} TO {table} AS
+SELECT
+    {roll} AS time,
+    {keys},
+    toInt64(sum(t.count)) AS count,
+    toInt64(sum(t.spent_credits)) AS spent_credits,
+    avgMergeState(t.latency_avg) AS latency_avg,
+    quantilesTDigestMergeState(0.75)(t.latency_p75) AS latency_p75,
+    quantilesTDigestMergeState(0.99)(t.latency_p99) AS latency_p99
+FROM key_verifications_per_{finer}_v3 AS t
+GROUP BY time, {keys}"""
 
 
 def _ratelimit_rollup(grain: str) -> list[str]:
