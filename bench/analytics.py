@@ -40,9 +40,9 @@ import os
 import sys
 
 # Run as `python bench/analytics.py`, this file's folder comes first on sys.path and bench/http.py
-# would shadow the standard library's `http` package: drop that folder before anything imports it.
+# would shadow the standard library's `http` package: move that folder last before anything imports it.
 if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.dirname(os.path.realpath(__file__)):
-    del sys.path[0]
+    sys.path.append(sys.path.pop(0))  # last: the standard library first, bench/machine.py still found
 sys.dont_write_bytecode = True  # no __pycache__ in bench/ for importing the sibling script
 
 import argparse

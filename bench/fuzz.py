@@ -30,9 +30,9 @@ import os
 import sys
 
 # Run as `python bench/fuzz.py`, this file's folder comes first on sys.path, and bench/http.py would
-# shadow the standard library's `http` package (which requests imports): drop that folder.
+# shadow the standard library's `http` package (which requests imports): move that folder last.
 if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.dirname(os.path.realpath(__file__)):
-    del sys.path[0]
+    sys.path.append(sys.path.pop(0))  # last: the standard library first, bench/machine.py still found
 
 import argparse
 import collections
@@ -45,13 +45,12 @@ import shlex
 import subprocess
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import schemathesis
+from machine import REPO, keysvc_revision, version
 
-REPO = Path(__file__).resolve().parent.parent
 REQUEST_ID = re.compile(r"^req_[A-Za-z0-9]{9}$")
 ERROR_TYPE = "https://unkey.com/docs/errors/"
 CHECK_NAMES = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
@@ -148,22 +147,8 @@ def with_world(data: Any, value: Any, world: dict[str, list[Any]], path: str) ->
 # -- the machine ----------------------------------------------------------------------------------
 
 
-def version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
-def keysvc_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "keysvc"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return rev + (" (keysvc/ has uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def load_test_server() -> Any:

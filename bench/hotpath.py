@@ -19,12 +19,10 @@ import random
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from time import perf_counter
 
@@ -33,8 +31,8 @@ import keysvc._fast._core_py as core_py
 from keysvc.keys import generate_key, key_digest
 from keysvc.management import CreditsSpec, KeySpec, Management, RatelimitSpec
 from keysvc.store.lmdb import LmdbStore, StoreConfig
+from machine import cpu_model, keysvc_revision, version
 
-REPO = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379"
 HUGE_LIMIT = 10**12  # never reached: a 60 s window would need 16 billion verifications a second
 HUGE_CREDITS = 10**15
@@ -61,21 +59,8 @@ class BenchError(Exception):
 # -- the machine ----------------------------------------------------------------------------------
 
 
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def version(dist):
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def redis_server_version():
@@ -87,15 +72,6 @@ def redis_server_version():
         return None
 
 
-def keysvc_revision():
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "keysvc"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return rev + (" (keysvc/ has uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def stale_extension_warning():

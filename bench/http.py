@@ -18,9 +18,9 @@ import os
 import sys
 
 # Run as `python bench/http.py`, this file's folder comes first on sys.path and its name would
-# shadow the standard library's `http` package: drop that folder before anything imports `http`.
+# shadow the standard library's `http` package: move that folder last before anything imports `http`.
 if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.dirname(os.path.realpath(__file__)):
-    del sys.path[0]
+    sys.path.append(sys.path.pop(0))  # last: the standard library first, bench/machine.py still found
 
 import argparse
 import http.client
@@ -35,10 +35,10 @@ import statistics
 import subprocess
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from machine import REPO, cpu_model, keysvc_revision, version
+
 PYTHON = sys.executable
 GRANIAN = str(Path(PYTHON).parent / "granian")
 HOST = "127.0.0.1"
@@ -57,21 +57,8 @@ class BenchError(Exception):
 # -- the machine ----------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def wrk_version() -> str:
@@ -80,15 +67,6 @@ def wrk_version() -> str:
     return first[0].split(" Copyright")[0] if first else "unknown"
 
 
-def keysvc_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "keysvc"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return rev + (" (keysvc/ has uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def compiled_core() -> str:
