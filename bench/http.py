@@ -310,7 +310,7 @@ def main() -> int:
     n = str(args.workers)
     keysvc_argv = [PYTHON, "-m", "keysvc", "serve", "--workers", n, "--host", HOST, "--port", str(keysvc_port),
                    "--data-dir", str(data_dir)]
-    # The flags keysvc/cli.py passes to Granian(...), spelled as Granian's command line.
+    # The flags keysvc/cli/serve.py passes to Granian(...), spelled as Granian's command line.
     raw_argv = [GRANIAN, "--interface", "asgi", "--loop", "uvloop", "--http", "auto", "--no-ws", "--workers", n,
                 "--respawn-failed-workers", "--respawn-interval", "0.5", "--workers-kill-timeout", "10",
                 "--log-level", "warning", "--host", HOST, "--port", str(raw_port), "--working-dir", str(REPO),

@@ -11,6 +11,10 @@ import yaml
 GiB = 1 << 30
 
 
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the setting and where it came from."""
+
+
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
