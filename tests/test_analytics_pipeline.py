@@ -21,9 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 
+from keysvc.analytics import events
 from keysvc.analytics.client import AnalyticsUnavailable, QueryFailed, run_query
 from keysvc.analytics.flusher import CRASH_ENV
 from keysvc.analytics.spool import Spool
@@ -216,6 +218,38 @@ def test_verifications_and_ratelimits_arrive_exactly_once(tmp_path):
     finally:
         assert server.stop() == 0
     assert not (data_dir / "analytics.sock").exists()
+
+
+def test_records_clickhouse_refuses_as_msgpack_go_value_by_value_and_corrupt_ones_are_skipped(tmp_path):
+    """The flusher inserts spooled records as MsgPack rows as they are. A record that decodes as an
+    event but that ClickHouse refuses (an integer latency: MsgPack gives no Float64 from an int)
+    sends its batch through the typed path instead; a truncated record is skipped and counted."""
+    data_dir = tmp_path / "data"
+    server = start(data_dir, config_file(tmp_path, **FAST))
+    try:
+        fine = events.encode(events.VerificationEvent("req_fine", now_ms(), "ks_x", "", "", "key_x", "VALID", ["a"],
+                                                      1, 0.25))
+        integer_latency = msgspec.msgpack.encode([1, "req_int_latency", now_ms(), "ks_x", "", "", "key_x", "VALID",
+                                                  [], 0, 3])
+        assert events.decode(integer_latency).latency == 3.0
+        spool = Spool(str(data_dir), AnalyticsConfig().spool_map_size)
+        try:
+            assert spool.append([fine, integer_latency, fine[:-3]])
+        finally:
+            spool.close()
+        wait_for(lambda: spool_depth(data_dir) == 0, what="an empty spool")
+        rows = query(data_dir, "SELECT request_id, latency FROM key_verifications_v1 ORDER BY request_id")
+        assert rows == [{"request_id": "req_fine", "latency": 0.25}, {"request_id": "req_int_latency", "latency": 3.0}]
+        per_minute = query(data_dir, "SELECT sum(count) AS n FROM key_verifications_per_month_v1")
+        assert per_minute == [{"n": 2}]
+        spool = Spool(str(data_dir), AnalyticsConfig().spool_map_size)
+        try:
+            assert spool.dropped() == 1
+        finally:
+            spool.close()
+        assert "as MsgPack rows" in server.log() and "could not be decoded" in server.log()
+    finally:
+        assert server.stop() == 0
 
 
 @pytest.mark.parametrize("point", ["between_tables", "before_land"])

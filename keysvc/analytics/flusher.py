@@ -40,6 +40,7 @@ from typing import Any
 
 import msgspec
 
+from keysvc import metrics
 from keysvc.analytics import events, schema
 from keysvc.analytics.spool import Spool
 from keysvc.config import Config, from_json, load
@@ -113,29 +114,25 @@ def _in(value: int, bounds: tuple[int, int]) -> bool:
 
 def decode_rows(batch: list[tuple[int, bytes]]) -> tuple[list[tuple], list[tuple], list[int]]:
     """The batch's verification rows and ratelimit rows, in the raw tables' column order, and the
-    sequence numbers of the records that could not be decoded or would not fit their columns."""
+    sequence numbers of the records that could not be decoded (the events' types bound their
+    integers to their columns')."""
     verifications, ratelimits, bad = [], [], []
     for seq, raw in batch:
         try:
             event = events.decode(raw)
             if isinstance(event, events.VerificationEvent):
-                if not (_in(event.time, _INT64) and _in(event.spent_credits, _INT64)):
-                    raise ValueError("out of range")
                 verifications.append((
                     event.request_id, event.time, events.WORKSPACE, event.key_space_id, event.identity_id,
                     event.external_id, event.key_id, events.REGION, "api", "", event.outcome, event.tags,
                     event.spent_credits, event.latency,
                 ))
             else:
-                if not (_in(event.time, _INT64) and _in(event.reset_at, _INT64) and _in(event.limit, _UINT64)
-                        and _in(event.remaining, _UINT64) and _in(event.tokens, _UINT64)):
-                    raise ValueError("out of range")
                 ratelimits.append((
                     event.request_id, event.time, events.WORKSPACE, event.namespace_id, event.identifier,
                     event.passed, event.latency, event.override_id, event.limit, event.remaining, event.reset_at,
                     event.tokens,
                 ))
-        except Exception:  # msgspec.DecodeError, ValidationError, ValueError: a bad record, never fatal
+        except (msgspec.DecodeError, msgspec.ValidationError):  # a bad record, never fatal
             bad.append(seq)
     return verifications, ratelimits, bad
 
@@ -299,6 +296,7 @@ class Flusher:
         return "server" if self.analytics.clickhouse_url else f"chDB in {Path(self.data_dir) / 'chdb'}"
 
     def failed(self, what: str, exc: BaseException) -> None:
+        metrics.flusher(self.config).failed()
         if self.client is not None and unreachable(exc):
             _close(self.client)
             self.client = None
@@ -321,7 +319,7 @@ class Flusher:
     def enforce_cap(self) -> None:
         """Drop the oldest events past spool_cap_bytes (Spool.enforce_cap counts and logs them)."""
         try:
-            self.spool.enforce_cap(self.analytics.spool_cap_bytes)
+            metrics.flusher(self.config).evicted(self.spool.enforce_cap(self.analytics.spool_cap_bytes))
         except Exception:
             log.exception("enforcing the spool cap failed")
 
@@ -353,31 +351,57 @@ class Flusher:
         return self.send(first, last, batch)
 
     def send(self, first: int, last: int, batch: list[tuple[int, bytes]]) -> bool:
-        verifications, ratelimits, bad = decode_rows(batch)
+        rows = events.rows(batch)
         token = f"{self.spool.epoch}:{first}-{last}"
         try:
-            if verifications:
-                self.client.insert(schema.VERIFICATIONS_TABLE, verifications,
-                                   column_names=schema.VERIFICATION_COLUMNS,
-                                   column_type_names=schema.VERIFICATION_TYPES,
-                                   settings=insert_settings(f"{token}:{schema.VERIFICATIONS_TABLE}"))
-            self._crash_point("between_tables")
-            if ratelimits:
-                self.client.insert(schema.RATELIMITS_TABLE, ratelimits, column_names=schema.RATELIMIT_COLUMNS,
-                                   column_type_names=schema.RATELIMIT_TYPES,
-                                   settings=insert_settings(f"{token}:{schema.RATELIMITS_TABLE}"))
+            try:
+                self.insert_rows(rows, token)
+            except Exception as exc:
+                if self.client is None or unreachable(exc):
+                    raise
+                # ClickHouse refused the MsgPack rows although each decoded as an event (say, an
+                # integer where a Float64 goes): the same batch, converted value by value, with
+                # the same tokens, so that a table that took its part already drops it.
+                log.warning("ClickHouse refused events %d-%d as MsgPack rows (%s): sending them value by value",
+                            first, last, exc)
+                rows.bad = self.insert_values(batch, token)
         except Exception as exc:
             self.failed(f"inserting events {first}-{last} failed", exc)
             return False
         self._crash_point("before_land")
         self.spool.land(first, last)
+        metrics.flusher(self.config).landed(len(batch))
         self.succeeded()
-        if bad:
+        if rows.bad:
+            bad = rows.bad
             self.undecodable += len(bad)
             self.spool.count_dropped(len(bad), f"{len(bad)} spooled event(s) could not be decoded")
             log.error("skipped %d spooled event(s) that could not be decoded (sequence numbers %s%s); %d so far",
                       len(bad), ", ".join(map(str, bad[:10])), ", ..." if len(bad) > 10 else "", self.undecodable)
         return True
+
+    def insert_rows(self, rows: events.Rows, token: str) -> None:
+        if rows.verification_count:
+            self.client.raw_insert(schema.VERIFICATIONS_TABLE, events.VERIFICATION_COLUMNS, rows.verifications,
+                                   fmt="MsgPack", settings=insert_settings(f"{token}:{schema.VERIFICATIONS_TABLE}"))
+        self._crash_point("between_tables")
+        if rows.ratelimit_count:
+            self.client.raw_insert(schema.RATELIMITS_TABLE, events.RATELIMIT_COLUMNS, rows.ratelimits,
+                                   fmt="MsgPack", settings=insert_settings(f"{token}:{schema.RATELIMITS_TABLE}"))
+
+    def insert_values(self, batch: list[tuple[int, bytes]], token: str) -> list[int]:
+        """The slow path: decoded events, converted by clickhouse-connect. Returns the sequence
+        numbers of the records it could not decode."""
+        verifications, ratelimits, bad = decode_rows(batch)
+        if verifications:
+            self.client.insert(schema.VERIFICATIONS_TABLE, verifications, column_names=schema.VERIFICATION_COLUMNS,
+                               column_type_names=schema.VERIFICATION_TYPES,
+                               settings=insert_settings(f"{token}:{schema.VERIFICATIONS_TABLE}"))
+        if ratelimits:
+            self.client.insert(schema.RATELIMITS_TABLE, ratelimits, column_names=schema.RATELIMIT_COLUMNS,
+                               column_type_names=schema.RATELIMIT_TYPES,
+                               settings=insert_settings(f"{token}:{schema.RATELIMITS_TABLE}"))
+        return bad
 
     def _crash_point(self, point: str) -> None:
         if point == self.crash_at:

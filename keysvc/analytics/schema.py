@@ -2,11 +2,16 @@
 the analytics query API exposes. Created or migrated by `migrate()` when the flusher starts.
 
     key_verifications_raw_v2, ratelimits_raw_v2       MergeTree, the contract's columns (section 8)
-      -> *_per_{minute,hour,day,month}_mv_*            materialized views, each straight from the raw table
-      -> *_per_{minute,hour,day,month}_v3 / _v2         AggregatingMergeTree (count and sums; latency
-                                                        avg/p75/p99 as t-digest states)
+      -> key_verifications_rollups_v1_mv, ...          one materialized view per raw table
+      -> key_verifications_rollups_v1, ratelimits_rollups_v1
+                                                       AggregatingMergeTree holding the minute, hour, day
+                                                       and month grains (count and sums; latency avg and
+                                                       one t-digest state for p75 and p99)
     key_verifications_v1, ..._per_*_v1, ratelimits_v1, ratelimits_per_*_v1
                                                        plain views with finalized values: what queries name
+
+The flusher inserts the spooled events as they are (ClickHouse's MsgPack format, see events.py);
+the columns the events do not carry (workspace_id, region, source, app_id) take their defaults.
 
 The raw tables keep `non_replicated_deduplication_window`, so that an insert retried with the same
 `insert_deduplication_token` (the flusher's spool range) is dropped by ClickHouse, on a plain
@@ -39,12 +44,6 @@ RATELIMIT_TYPES = ("String", "Int64", "String", "String", "String", "Bool", "Flo
                    "Int64", "UInt64")
 
 GRAINS = ("minute", "hour", "day", "month")
-_BUCKET = {  # (column type, expression over the raw table's Int64 unix-ms `time`)
-    "minute": ("DateTime", "toStartOfMinute(fromUnixTimestamp64Milli(r.time))"),
-    "hour": ("DateTime", "toStartOfHour(fromUnixTimestamp64Milli(r.time))"),
-    "day": ("Date", "toDate(fromUnixTimestamp64Milli(r.time))"),
-    "month": ("Date", "toStartOfMonth(fromUnixTimestamp64Milli(r.time))"),
-}
 _TTL = {"minute": "7 DAY", "hour": "90 DAY", "day": "365 DAY", "month": "3650 DAY"}
 
 # The public aliases, and per alias the column a query is scoped by (an API's key space, a
@@ -83,12 +82,12 @@ def _raw_tables() -> list[str]:
 CREATE TABLE IF NOT EXISTS {VERIFICATIONS_TABLE} (
     request_id String CODEC(ZSTD(1)),
     time Int64 CODEC(Delta, ZSTD(1)),
-    workspace_id String CODEC(ZSTD(1)),
+    workspace_id String DEFAULT 'ws_local' CODEC(ZSTD(1)),
     key_space_id String CODEC(ZSTD(1)),
     identity_id String CODEC(ZSTD(1)),
     external_id String CODEC(ZSTD(1)),
     key_id String CODEC(ZSTD(1)),
-    region LowCardinality(String) CODEC(ZSTD(1)),
+    region LowCardinality(String) DEFAULT 'local' CODEC(ZSTD(1)),
     source LowCardinality(String) DEFAULT 'api' CODEC(ZSTD(1)),
     app_id LowCardinality(String) DEFAULT '' CODEC(ZSTD(1)),
     outcome LowCardinality(String) CODEC(ZSTD(1)),
@@ -108,7 +107,7 @@ SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}""",
 CREATE TABLE IF NOT EXISTS {RATELIMITS_TABLE} (
     request_id String,
     time Int64 CODEC(Delta, LZ4),
-    workspace_id String,
+    workspace_id String DEFAULT 'ws_local',
     namespace_id String,
     identifier String,
     passed Bool,
@@ -127,32 +126,36 @@ SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}""",
     ]
 
 
-def _latency_states(kind: str) -> str:
-    if kind == "type":
-        return """
-    latency_avg AggregateFunction(avg, Float64),
-    latency_p75 AggregateFunction(quantilesTDigest(0.75), Float64),
-    latency_p99 AggregateFunction(quantilesTDigest(0.99), Float64)"""
-    if kind == "state":
-        return """
-    avgState(r.latency) AS latency_avg,
-    quantilesTDigestState(0.75)(r.latency) AS latency_p75,
-    quantilesTDigestState(0.99)(r.latency) AS latency_p99"""
-    return """
-    avgMerge(t.latency_avg) AS latency_avg,
-    quantilesTDigestMerge(0.75)(t.latency_p75)[1] AS latency_p75,
-    quantilesTDigestMerge(0.99)(t.latency_p99)[1] AS latency_p99"""
+# The rollups: one AggregatingMergeTree per event kind holds all four grains, fed by one
+# materialized view from the raw table. Each insert so writes two parts (raw and rollup) instead of
+# five: a part costs ClickHouse milliseconds whatever its size, and then merges. The view first
+# aggregates the batch to minutes, then fans the minutes out to their hour, day and month, so that
+# the coarser grains cost one row per minute group, not one per event.
+GRAIN_CODES = {"minute": 1, "hour": 2, "day": 3, "month": 4}
+_GRAIN_TYPE = "Enum8(" + ", ".join(f"'{grain}' = {code}" for grain, code in GRAIN_CODES.items()) + ")"
+_FAN_OUT = """ARRAY JOIN [(1, m.minute), (2, toStartOfHour(m.minute)), (3, toStartOfDay(m.minute)),
+            (4, toDateTime(toStartOfMonth(m.minute), 'UTC'))] AS g"""
+_GRAIN_TTL = ",\n    ".join(f"time + INTERVAL {_TTL[grain]} DELETE WHERE grain = '{grain}'" for grain in GRAINS)
+# The alias's `time`: minutes and hours as DateTime, days and months as Date.
+_ALIAS_TIME = {"minute": "t.time", "hour": "t.time", "day": "toDate(t.time, 'UTC')",
+               "month": "toDate(t.time, 'UTC')"}
+_MINUTE = "toStartOfMinute(fromUnixTimestamp64Milli(r.time, 'UTC'))"
+# One t-digest state answers both quantiles: half the work of one state per quantile.
+_QUANTILES = "quantilesTDigest(0.75, 0.99)"
+
+VERIFICATION_ROLLUPS = "key_verifications_rollups_v1"
+RATELIMIT_ROLLUPS = "ratelimits_rollups_v1"
+_VERIFICATION_KEYS = "workspace_id, key_space_id, identity_id, external_id, key_id, outcome, tags, source, app_id"
+_RATELIMIT_KEYS = "workspace_id, namespace_id, identifier"
 
 
-def _verification_rollup(grain: str) -> list[str]:
-    table, view, alias = (f"key_verifications_per_{grain}_v3", f"key_verifications_per_{grain}_mv_v3",
-                          f"key_verifications_per_{grain}_v1")
-    time_type, bucket = _BUCKET[grain]
-    keys = "workspace_id, key_space_id, identity_id, external_id, key_id, outcome, tags, source, app_id"
-    return [
+def _verification_rollups() -> list[str]:
+    keys = _VERIFICATION_KEYS
+    statements = [
         f"""
-CREATE TABLE IF NOT EXISTS {table} (
-    time {time_type},
+CREATE TABLE IF NOT EXISTS {VERIFICATION_ROLLUPS} (
+    grain {_GRAIN_TYPE},
+    time DateTime('UTC'),
     workspace_id String,
     key_space_id String,
     identity_id String,
@@ -163,99 +166,117 @@ CREATE TABLE IF NOT EXISTS {table} (
     source LowCardinality(String),
     app_id LowCardinality(String),
     count SimpleAggregateFunction(sum, Int64),
-    spent_credits SimpleAggregateFunction(sum, Int64),{_latency_states("type")},
+    spent_credits SimpleAggregateFunction(sum, Int64),
+    latency_avg AggregateFunction(avg, Float64),
+    latency_quantiles AggregateFunction({_QUANTILES}, Float64),
     INDEX idx_identity_id (identity_id) TYPE bloom_filter GRANULARITY 4,
     INDEX idx_key_id (key_id) TYPE bloom_filter GRANULARITY 4,
     INDEX idx_tags (tags) TYPE bloom_filter GRANULARITY 4
 ) ENGINE = AggregatingMergeTree
-ORDER BY (workspace_id, time, key_space_id, identity_id, external_id, key_id, outcome, tags, source, app_id)
-TTL time + INTERVAL {_TTL[grain]} DELETE
+ORDER BY (grain, workspace_id, time, key_space_id, identity_id, external_id, key_id, outcome, tags, source, app_id)
+TTL {_GRAIN_TTL}
 SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}""",
-        _verification_feed(grain, view, table, keys, bucket),
         f"""
-CREATE VIEW IF NOT EXISTS {alias} AS
+CREATE MATERIALIZED VIEW IF NOT EXISTS {VERIFICATION_ROLLUPS}_mv TO {VERIFICATION_ROLLUPS} AS
 SELECT
-    time, key_space_id, identity_id, external_id, key_id, outcome, tags,
-    sum(t.count) AS count,
-    sum(t.spent_credits) AS spent_credits,{_latency_states("merge")}
-FROM {table} AS t
-GROUP BY time, key_space_id, identity_id, external_id, key_id, outcome, tags""",
+    g.1 AS grain, g.2 AS time, {keys},
+    toInt64(sum(m.count)) AS count,
+    toInt64(sum(m.spent_credits)) AS spent_credits,
+    avgMergeState(m.latency_avg) AS latency_avg,
+    {_QUANTILES.replace("(", "MergeState(", 1)}(m.latency_quantiles) AS latency_quantiles
+FROM (
+    SELECT
+        {_MINUTE} AS minute, {keys},
+        count() AS count,
+        sum(r.spent_credits) AS spent_credits,
+        avgState(r.latency) AS latency_avg,
+        {_QUANTILES.replace("(", "State(", 1)}(r.latency) AS latency_quantiles
+    FROM {VERIFICATIONS_TABLE} AS r
+    GROUP BY minute, {keys}
+) AS m
+{_FAN_OUT}
+GROUP BY grain, time, {keys}""",
     ]
-
-
-# Each coarser rollup is fed by the one before it, not by the raw rows: an insert of 10,000 rows
-# becomes one row per key, outcome and minute in the minute rollup, and only those go further.
-_COARSER = {"hour": ("minute", "toStartOfHour(t.time)"), "day": ("hour", "toDate(t.time)"),
-            "month": ("day", "toStartOfMonth(t.time)")}
-
-
-def _verification_feed(grain: str, view: str, table: str, keys: str, bucket: str) -> str:
-    if grain not in _COARSER:
-        return f"""
-CREATE MATERIALIZED VIEW IF NOT EXISTS {view} TO {table} AS
+    for grain in GRAINS:
+        statements.append(f"""
+CREATE VIEW IF NOT EXISTS key_verifications_per_{grain}_v1 AS
 SELECT
-    {bucket} AS time,
-    {keys},
-    toInt64(count()) AS count,
-    toInt64(sum(r.spent_credits)) AS spent_credits,{_latency_states("state")}
-FROM {VERIFICATIONS_TABLE} AS r
-GROUP BY time, {keys}"""
-    finer, roll = _COARSER[grain]
-    return f"""
-CREATE MATERIALIZED VIEW IF NOT EXISTS {view} TO {table} AS
-SELECT
-    {roll} AS time,
-    {keys},
-    toInt64(sum(t.count)) AS count,
-    toInt64(sum(t.spent_credits)) AS spent_credits,
-    avgMergeState(t.latency_avg) AS latency_avg,
-    quantilesTDigestMergeState(0.75)(t.latency_p75) AS latency_p75,
-    quantilesTDigestMergeState(0.99)(t.latency_p99) AS latency_p99
-FROM key_verifications_per_{finer}_v3 AS t
-GROUP BY time, {keys}"""
+    {_ALIAS_TIME[grain]} AS time, key_space_id, identity_id, external_id, key_id, outcome, tags,
+    sum(t.count) AS count,
+    sum(t.spent_credits) AS spent_credits,{_latency_merge()}
+FROM {VERIFICATION_ROLLUPS} AS t
+WHERE t.grain = '{grain}'
+GROUP BY time, key_space_id, identity_id, external_id, key_id, outcome, tags""")
+    return statements
 
 
-def _ratelimit_rollup(grain: str) -> list[str]:
-    table, view, alias = (f"ratelimits_per_{grain}_v2", f"ratelimits_per_{grain}_mv_v2", f"ratelimits_per_{grain}_v1")
-    time_type, bucket = _BUCKET[grain]
-    return [
+def _ratelimit_rollups() -> list[str]:
+    keys = _RATELIMIT_KEYS
+    statements = [
         f"""
-CREATE TABLE IF NOT EXISTS {table} (
-    time {time_type},
+CREATE TABLE IF NOT EXISTS {RATELIMIT_ROLLUPS} (
+    grain {_GRAIN_TYPE},
+    time DateTime('UTC'),
     workspace_id String,
     namespace_id String,
     identifier String,
     passed SimpleAggregateFunction(sum, Int64),
     total SimpleAggregateFunction(sum, Int64),
     passed_tokens SimpleAggregateFunction(sum, Int64),
-    total_tokens SimpleAggregateFunction(sum, Int64),{_latency_states("type")},
+    total_tokens SimpleAggregateFunction(sum, Int64),
+    latency_avg AggregateFunction(avg, Float64),
+    latency_quantiles AggregateFunction({_QUANTILES}, Float64),
     INDEX idx_identifier (identifier) TYPE bloom_filter GRANULARITY 1
 ) ENGINE = AggregatingMergeTree
-ORDER BY (workspace_id, namespace_id, time, identifier)
-TTL time + INTERVAL {_TTL[grain]} DELETE
+ORDER BY (grain, workspace_id, namespace_id, time, identifier)
+TTL {_GRAIN_TTL}
 SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}""",
         f"""
-CREATE MATERIALIZED VIEW IF NOT EXISTS {view} TO {table} AS
+CREATE MATERIALIZED VIEW IF NOT EXISTS {RATELIMIT_ROLLUPS}_mv TO {RATELIMIT_ROLLUPS} AS
 SELECT
-    {bucket} AS time,
-    workspace_id, namespace_id, identifier,
-    toInt64(countIf(r.passed)) AS passed,
-    toInt64(count()) AS total,
-    toInt64(sumIf(r.tokens, r.passed)) AS passed_tokens,
-    toInt64(sum(r.tokens)) AS total_tokens,{_latency_states("state")}
-FROM {RATELIMITS_TABLE} AS r
-GROUP BY time, workspace_id, namespace_id, identifier""",
-        f"""
-CREATE VIEW IF NOT EXISTS {alias} AS
+    g.1 AS grain, g.2 AS time, {keys},
+    toInt64(sum(m.passed)) AS passed,
+    toInt64(sum(m.total)) AS total,
+    toInt64(sum(m.passed_tokens)) AS passed_tokens,
+    toInt64(sum(m.total_tokens)) AS total_tokens,
+    avgMergeState(m.latency_avg) AS latency_avg,
+    {_QUANTILES.replace("(", "MergeState(", 1)}(m.latency_quantiles) AS latency_quantiles
+FROM (
+    SELECT
+        {_MINUTE} AS minute, {keys},
+        countIf(r.passed) AS passed,
+        count() AS total,
+        sumIf(r.tokens, r.passed) AS passed_tokens,
+        sum(r.tokens) AS total_tokens,
+        avgState(r.latency) AS latency_avg,
+        {_QUANTILES.replace("(", "State(", 1)}(r.latency) AS latency_quantiles
+    FROM {RATELIMITS_TABLE} AS r
+    GROUP BY minute, {keys}
+) AS m
+{_FAN_OUT}
+GROUP BY grain, time, {keys}""",
+    ]
+    for grain in GRAINS:
+        statements.append(f"""
+CREATE VIEW IF NOT EXISTS ratelimits_per_{grain}_v1 AS
 SELECT
-    time, namespace_id, identifier,
+    {_ALIAS_TIME[grain]} AS time, namespace_id, identifier,
     sum(t.passed) AS passed,
     sum(t.total) AS total,
     sum(t.passed_tokens) AS passed_tokens,
-    sum(t.total_tokens) AS total_tokens,{_latency_states("merge")}
-FROM {table} AS t
-GROUP BY time, namespace_id, identifier""",
-    ]
+    sum(t.total_tokens) AS total_tokens,{_latency_merge()}
+FROM {RATELIMIT_ROLLUPS} AS t
+WHERE t.grain = '{grain}'
+GROUP BY time, namespace_id, identifier""")
+    return statements
+
+
+def _latency_merge() -> str:
+    merge = _QUANTILES.replace("(", "Merge(", 1)
+    return f"""
+    avgMerge(t.latency_avg) AS latency_avg,
+    {merge}(t.latency_quantiles)[1] AS latency_p75,
+    {merge}(t.latency_quantiles)[2] AS latency_p99"""
 
 
 def _raw_aliases() -> list[str]:
@@ -268,11 +289,7 @@ def _raw_aliases() -> list[str]:
 
 
 def _version_1() -> list[str]:
-    statements = _raw_tables()
-    for grain in GRAINS:
-        statements += _verification_rollup(grain)
-        statements += _ratelimit_rollup(grain)
-    return statements + _raw_aliases()
+    return _raw_tables() + _verification_rollups() + _ratelimit_rollups() + _raw_aliases()
 
 
 # (version, statements): append only. Each statement must be safe to run again (a start-up that
