@@ -50,6 +50,10 @@ RPS_TARGET = 0.8  # keysvc req/s >= 0.8 x ceiling
 P99_TARGET = 2.0  # keysvc p99 < 2 x ceiling p99
 
 
+# Benches may run servers side by side: none takes the default metrics port (set it to measure it).
+BENCH_ENV = {"KEYSVC_METRICS__PORT": "null"}
+
+
 class BenchError(Exception):
     pass
 
@@ -115,7 +119,7 @@ class Server:
     def start(self, timeout: float = 30.0) -> None:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.argv, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(self.env or {})}, start_new_session=True)
+                                        env={**BENCH_ENV, **os.environ, **(self.env or {})}, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

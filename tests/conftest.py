@@ -13,6 +13,10 @@ from keysvc.management import Management
 from server import Server
 from keysvc.store import LmdbStore, StoreConfig
 
+# Tests start many servers at once: no metrics listener on the shared default port unless a test
+# asks for one (tests of metrics set their own port).
+os.environ.setdefault("KEYSVC_METRICS__PORT", "null")
+
 TWINS = ["keysvc._fast._core_c", "keysvc._fast._core_py"]
 
 

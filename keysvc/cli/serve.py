@@ -1,18 +1,26 @@
 """`keysvc serve`: the node. Granian's workers serve the HTTP API; this process supervises
-them and the analytics flusher."""
+them and the analytics flusher, and answers GET /metrics on a listener of its own."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from keysvc import __version__
 from keysvc.store import LmdbStore
 
+if TYPE_CHECKING:
+    from keysvc.config import Config
+    from keysvc.metrics import MetricsListener
+
 from .common import add_store_flags, config_of, store_config
 
 FLUSHER_STOP_MARGIN = 10.0  # seconds the flusher gets past its drain_timeout to stop before SIGKILL
+
+log = logging.getLogger("keysvc.serve")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -27,11 +35,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from granian import Granian
 
+    from keysvc import logs
     from keysvc.config import to_json
     from keysvc.http.app import CONFIG_ENV
     from keysvc.store.lmdb import node_lock
 
     config = config_of(args)
+    logs.setup(config, "master")
     data_dir = config.storage.data_dir
     Path(data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     with node_lock(data_dir):
@@ -44,8 +54,13 @@ def run(args: argparse.Namespace) -> int:
             store.close()
         os.environ[CONFIG_ENV] = to_json(config).decode()
         workers = config.workers()
-        print(f"keysvc {__version__} serving http://{config.server.host}:{config.server.port} with {workers} "
-              f"worker(s), data in {data_dir}", file=sys.stderr, flush=True)
+        listener, failure = metrics_listener(config)
+        if failure is not None:
+            print(f"keysvc: error: {failure}", file=sys.stderr, flush=True)
+            return 2
+        where = f", metrics at http://{_host(listener.address[0])}:{listener.address[1]}/metrics" if listener else ""
+        log.info(f"keysvc {__version__} serving http://{_host(config.server.host)}:{config.server.port} with "
+                 f"{workers} worker(s), data in {data_dir}{where}")
         # The analytics flusher: its own process (it alone opens chDB), started before Granian
         # forks the workers and stopped after they have stopped, so that their last events are
         # flushed; restarted by the supervisor's thread whenever it exits meanwhile.
@@ -55,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
             flusher = Supervisor()
             flusher.start()
+        if listener is not None:
+            listener.start()
         try:
             Granian(
                 "keysvc.http.app:create_app",
@@ -69,12 +86,45 @@ def run(args: argparse.Namespace) -> int:
                 respawn_failed_workers=True,
                 respawn_interval=0.5,
                 workers_kill_timeout=10,
-                log_level="warning",
+                log_level=logs.granian_level(config),
+                log_dictconfig=logs.dictconfig(config),
+                log_access=False,  # keysvc writes its own access lines (keysvc.logs.AccessLog)
             ).serve()
         finally:
+            if listener is not None:
+                listener.stop()
             if flusher is not None:
                 flusher.stop(config.analytics.drain_timeout + FLUSHER_STOP_MARGIN)
     return 0
+
+
+def metrics_listener(config: Config) -> tuple[MetricsListener | None, str | None]:
+    """(the metrics listener, bound, or None; the reason it cannot be, or None). The metrics files
+    of the last run are removed first: the counters start at zero with the node."""
+    settings = getattr(config, "metrics", None)
+    if not getattr(settings, "enabled", True):
+        return None, None
+    from keysvc import metrics
+
+    metrics.empty_dir(metrics.metrics_dir(config.storage.data_dir))
+    host, port = getattr(settings, "host", "127.0.0.1"), getattr(settings, "port", None)
+    if port is None:
+        return None, None
+    from keysvc.metrics import MetricsListener
+
+    try:
+        listener = MetricsListener(host, port, lambda: metrics.render_from_disk(config))
+    except OSError as exc:
+        return None, (f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} (metrics.port: choose a free "
+                      f"port, or null for no metrics listener)")
+    # One scrape here, before the listener's thread starts: whatever it imports and caches is
+    # done now, in this thread, and not while Granian forks a worker.
+    metrics.render_from_disk(config)
+    return listener, None
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def bootstrap_root_key(store: LmdbStore) -> None:

@@ -2,7 +2,9 @@
 loop is verified in one `Verifier.verify_batch` call, so the counters' write transaction (its
 writer lock, its commit, and py-lmdb's GIL hand-offs) is paid once per batch rather than once
 per request; the batch's analytics events are spooled together too. Under load a batch holds
-the requests that arrived together; alone, a request waits only for the rest of the loop pass."""
+the requests that arrived together; alone, a request waits only for the rest of the loop pass.
+Each batch's outcomes are counted in the worker's metrics file (keysvc.metrics) as they are
+handed out."""
 from __future__ import annotations
 
 import asyncio
@@ -13,12 +15,14 @@ from keysvc._fast import Verifier, VerifyResult
 from keysvc.analytics import events
 from keysvc.analytics.spool import Spool
 from keysvc.management import now_ms
+from keysvc.metrics import WorkerMetrics
 
 
 class VerifyBatcher:
-    def __init__(self, verifier: Verifier, spool: Spool | None) -> None:
+    def __init__(self, verifier: Verifier, spool: Spool | None, metrics: WorkerMetrics | None = None) -> None:
         self.verifier = verifier
         self.spool = spool
+        self.metrics = metrics
         self.requests: list[tuple[Any, ...]] = []
         self.waiters: list[asyncio.Future[VerifyResult]] = []
         self.origins: list[tuple[str, list[str], float]] = []
@@ -52,6 +56,8 @@ class VerifyBatcher:
                 waiter.set_exception(result)
             else:
                 waiter.set_result(result)
+        if self.metrics is not None:
+            self.metrics.verified(results, self.verifier)
         if self.spool is not None:
             self.spool.append(verification_events(results, origins, now))
 

@@ -6,13 +6,14 @@ from keysvc._fast import Verifier
 from keysvc.analytics.spool import Spool
 from keysvc.config import Config
 from keysvc.management import Management
+from keysvc.metrics import WorkerMetrics
 from keysvc.store import LmdbStore, StoreConfig
 
 from .batching import VerifyBatcher
 
 
 class Node:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, metrics: WorkerMetrics | None = None) -> None:
         self.config = config
         self.store = LmdbStore(StoreConfig(
             data_dir=config.storage.data_dir,
@@ -23,7 +24,8 @@ class Node:
         self.spool = None
         if config.analytics.enabled:
             self.spool = Spool(config.storage.data_dir, config.analytics.spool_map_size)
-        self.batcher = VerifyBatcher(self.verifier, self.spool)
+        self.batcher = VerifyBatcher(self.verifier, self.spool, metrics if metrics is not None and metrics.enabled
+                                     else None)
         self.manage = Management(self.store)
 
     def close(self) -> None:
