@@ -105,7 +105,7 @@ def _well_formed(records: list[tuple[int, bytes]], check_all, kind: type, bad: l
     try:
         check_all(payload)
         return records
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):  # ValueError: UnicodeDecodeError
         pass
     finally:
         if collecting:
@@ -116,7 +116,7 @@ def _well_formed(records: list[tuple[int, bytes]], check_all, kind: type, bad: l
             if type(decode(raw)) is kind:
                 good.append((seq, raw))
                 continue
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
             pass
         bad.append(seq)
     return good

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import decimal
+import errno
 import fcntl
 import logging
 import math
@@ -80,7 +81,28 @@ def connect(config: Config, *, connect_timeout: float = 3.0) -> Any:
                                              query_retries=0)
     path = Path(config.storage.data_dir) / "chdb"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not _chdb_opened:
+        _remove_unwritten_definitions(path)
+        _chdb_opened.append(str(path))
     return clickhouse_connect.get_client(interface="chdb", path=str(path), tz_mode="aware")
+
+
+_chdb_opened: list[str] = []  # the chDB path this process has opened: one engine per process
+MIN_FREE_TO_MIGRATE = 8 << 20  # bytes free on chDB's disk before a migration is tried
+
+
+def _remove_unwritten_definitions(path: Path) -> None:
+    """A CREATE that met a full disk can leave its definition file empty, and chDB then refuses
+    to open the whole database ("Cannot parse definition from metadata file"). An empty file
+    defines nothing: removing it lets the migration, whose statements are idempotent, create it
+    again. Only before this process opens chDB: an open engine owns its files."""
+    for definition in path.rglob("*.sql"):
+        try:
+            if definition.is_file() and not definition.is_symlink() and definition.stat().st_size == 0:
+                definition.unlink()
+                log.warning("removed %s: an empty definition left by a CREATE that did not finish", definition)
+        except OSError:
+            pass
 
 
 def unreachable(exc: BaseException) -> bool:
@@ -132,7 +154,7 @@ def decode_rows(batch: list[tuple[int, bytes]]) -> tuple[list[tuple], list[tuple
                     event.passed, event.latency, event.override_id, event.limit, event.remaining, event.reset_at,
                     event.tokens,
                 ))
-        except (msgspec.DecodeError, msgspec.ValidationError):  # a bad record, never fatal
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):  # a bad record, never fatal
             bad.append(seq)
     return verifications, ratelimits, bad
 
@@ -264,7 +286,7 @@ class Flusher:
                 if time.monotonic() < self.retry_at:
                     time.sleep(max(0.0, min(self.retry_at - time.monotonic(), left)))
                     continue
-                if not self.ready(connect_timeout=max(0.5, min(3.0, left))):
+                if not self.ready(connect_timeout=max(1.0, min(3.0, left))):  # clickhouse-connect takes whole seconds
                     continue
                 if self.spool.inflight() is not None:
                     self.resend()
@@ -284,13 +306,24 @@ class Flusher:
                 if self.client is None:
                     self.client = connect(self.config, connect_timeout=connect_timeout)
                 if not self.schema_ready.is_set():
-                    schema.migrate(self.client)
+                    schema.migrate(self.client, before=self.room_to_migrate)
                     self.schema_ready.set()
             log.info("connected to ClickHouse (%s)", self.where())
             return True
         except Exception as exc:
             self.failed("cannot reach ClickHouse (or migrate its schema)", exc)
             return False
+
+    def room_to_migrate(self) -> None:
+        """A migration that runs out of disk half-way leaves chDB's catalog with definitions it
+        cannot read back: with chDB on a nearly full disk, wait for room rather than start one."""
+        if self.analytics.clickhouse_url:
+            return
+        stat = os.statvfs(Path(self.data_dir) / "chdb")
+        free = stat.f_bavail * stat.f_frsize
+        if free < MIN_FREE_TO_MIGRATE:
+            raise OSError(errno.ENOSPC, f"{free >> 20} MiB free on the disk of {self.where()}: the schema migration "
+                                        f"waits for {MIN_FREE_TO_MIGRATE >> 20} MiB")
 
     def where(self) -> str:
         return "server" if self.analytics.clickhouse_url else f"chDB in {Path(self.data_dir) / 'chdb'}"
@@ -595,8 +628,11 @@ def _lock(data_dir: str, flusher_stop: list[bool]) -> int | None:
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError:  # a full disk: the pid is only for the message above, the lock holds
+                pass
             return fd
         except BlockingIOError:
             if not waited:

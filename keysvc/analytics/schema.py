@@ -23,6 +23,7 @@ of MIGRATIONS (its statements idempotent: IF NOT EXISTS, or guarded), applied on
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("keysvc.analytics")
@@ -301,14 +302,20 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 def current_version(client: Any) -> int:
-    client.command(f"CREATE TABLE IF NOT EXISTS {VERSIONS_TABLE} (version UInt32, applied_at DateTime64(3) "
-                   f"DEFAULT now64(3)) ENGINE = ReplacingMergeTree ORDER BY version")
+    """0 for a new database. Reads only: a write on a full disk is for migrate() to avoid."""
+    if not int(client.command(f"EXISTS TABLE {VERSIONS_TABLE}")):
+        return 0
     return int(client.query(f"SELECT max(version) FROM {VERSIONS_TABLE}").result_rows[0][0] or 0)
 
 
-def migrate(client: Any) -> int:
-    """Bring the schema up to SCHEMA_VERSION; returns the version found before."""
+def migrate(client: Any, before: Callable[[], None] = lambda: None) -> int:
+    """Bring the schema up to SCHEMA_VERSION; returns the version found before. `before` runs
+    first when there is something to migrate (and may refuse by raising)."""
     found = current_version(client)
+    if found < SCHEMA_VERSION:
+        before()
+        client.command(f"CREATE TABLE IF NOT EXISTS {VERSIONS_TABLE} (version UInt32, applied_at DateTime64(3) "
+                       f"DEFAULT now64(3)) ENGINE = ReplacingMergeTree ORDER BY version")
     for version, statements in MIGRATIONS:
         if version <= found:
             continue

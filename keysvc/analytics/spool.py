@@ -1,8 +1,10 @@
 """The node's event spool: an LMDB environment every worker appends to and the flusher drains.
 
-Appending costs one small write transaction (writemap, no fsync) per batch of events and no
-network I/O. Like the counters, a commit survives `kill -9` of any process; an OS crash can
-lose the last unsynced ones. Entries are keyed by a sequence number kept in the environment,
+Appending costs one small write transaction (no fsync) per batch of events and no network I/O.
+Like the counters, a commit survives `kill -9` of any process; an OS crash can lose the last
+unsynced ones. Not writemap: the spool grows by new pages all the time, and a writemap page the
+file system cannot back (a full disk) kills the worker with SIGBUS, where a plain write fails
+with ENOSPC and the events are counted as dropped. Entries are keyed by a sequence number kept in the environment,
 never reused even when the spool empties, so that a range of it names a batch forever: the
 flusher's deduplication token.
 """
@@ -30,17 +32,22 @@ class Spool:
         path = Path(data_dir) / "spool"
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=2, mode=0o600, sync=False, metasync=False,
-                             writemap=True, readahead=False)
+                             readahead=False)
         self.env.reader_check()
         self.events = self.env.open_db(b"events")
         self.meta = self.env.open_db(b"meta")
         self._failures_logged_at = 0.0
+        # Events counted as dropped while the count itself could not be written (a full disk):
+        # added by the next write that goes through, or by close().
+        self._unsaved_drops = 0
         with self.env.begin(write=True, db=self.meta) as txn:
             if txn.get(_EPOCH) is None:
                 txn.put(_EPOCH, os.urandom(8).hex().encode())
             self.epoch = txn.get(_EPOCH).decode()
 
     def close(self) -> None:
+        if self._unsaved_drops:
+            self._count_dropped(0, "")
         self.env.close()
 
     # -- the workers' side -----------------------------------------------------------------------
@@ -53,44 +60,70 @@ class Spool:
                 raw = txn.get(_NEXT, db=self.meta)
                 seq = _SEQ.unpack(raw)[0] if raw is not None else 1
                 for event in events:
-                    txn.put(_SEQ.pack(seq), event, append=True)
+                    key = _SEQ.pack(seq)
+                    # append=True fails (returns False) unless the key sorts last: a corrupted key
+                    # after the sequence numbers (read() removes it) must not lose the event.
+                    if not txn.put(key, event, append=True) and not txn.put(key, event, overwrite=False):
+                        raise lmdb.KeyExistsError(f"sequence number {seq} is taken: the spool's counter is corrupted")
                     seq += 1
                 txn.put(_NEXT, _SEQ.pack(seq), db=self.meta)
+                if self._unsaved_drops:
+                    self._add_drops(txn, self._unsaved_drops)
+            self._unsaved_drops = 0
             return True
-        except lmdb.Error as exc:
+        except (lmdb.Error, struct.error) as exc:  # struct.error: a corrupted counter in meta
             self._count_dropped(len(events), f"the event spool refused {len(events)} event(s): {exc}")
             return False
+
+    def _add_drops(self, txn: lmdb.Transaction, count: int) -> None:
+        raw = txn.get(_DROPPED, db=self.meta)
+        txn.put(_DROPPED, _SEQ.pack((_SEQ.unpack(raw)[0] if raw else 0) + count), db=self.meta)
 
     def count_dropped(self, count: int, reason: str) -> None:
         """Count events lost on the flusher's side (e.g. records that could not be decoded)."""
         self._count_dropped(count, reason)
 
     def _count_dropped(self, count: int, reason: str) -> None:
+        self._unsaved_drops += count
         try:
             with self.env.begin(write=True, db=self.meta) as txn:
-                raw = txn.get(_DROPPED)
-                txn.put(_DROPPED, _SEQ.pack((_SEQ.unpack(raw)[0] if raw else 0) + count))
-        except lmdb.Error:
+                self._add_drops(txn, self._unsaved_drops)
+            self._unsaved_drops = 0
+        except (lmdb.Error, struct.error):
             pass
         now = time.monotonic()
-        if now - self._failures_logged_at >= 60:
+        if reason and now - self._failures_logged_at >= 60:
             self._failures_logged_at = now
             log.error("%s; dropped events are counted in keysvc_analytics_dropped_events_total", reason)
 
     # -- the flusher's side --------------------------------------------------------------------------
 
     def read(self, max_items: int, start: int = 0) -> list[tuple[int, bytes]]:
-        """The oldest spooled (sequence, event) pairs from `start` on."""
+        """The oldest spooled (sequence, event) pairs from `start` on. Records whose key is no
+        sequence number (a corrupted spool) are removed, and counted as dropped."""
         out = []
+        corrupt = []
         with self.env.begin(db=self.events) as txn:
             cursor = txn.cursor()
-            if not cursor.set_range(_SEQ.pack(start)):
-                return out
-            for key, value in cursor:
-                out.append((_SEQ.unpack(key)[0], value))
-                if len(out) >= max_items:
-                    break
+            if cursor.set_range(_SEQ.pack(start)):
+                for key, value in cursor:
+                    if len(key) != _SEQ.size:
+                        corrupt.append(key)
+                        continue
+                    out.append((_SEQ.unpack(key)[0], value))
+                    if len(out) >= max_items:
+                        break
+        if corrupt:
+            self._remove_corrupt(corrupt)
         return out
+
+    def _remove_corrupt(self, keys: list[bytes]) -> None:
+        with self.env.begin(write=True, db=self.events) as txn:
+            removed = sum(bool(txn.delete(key)) for key in keys)
+            self._add_drops(txn, removed)
+        log.error("removed %d spooled record(s) whose key is not a sequence number (%s): the spool is corrupted; "
+                  "they are counted in keysvc_analytics_dropped_events_total", removed,
+                  ", ".join(key[:16].hex() for key in keys[:5]) + (", ..." if len(keys) > 5 else ""))
 
     def range(self, first: int, last: int) -> list[tuple[int, bytes]]:
         return [(seq, value) for seq, value in self.read(last - first + 1, first) if seq <= last]
@@ -112,7 +145,9 @@ class Spool:
             cursor = txn.cursor()
             if cursor.set_range(_SEQ.pack(first)):
                 # delete() moves to the next entry; past the last one the cursor has no key.
-                while (key := cursor.key()) and _SEQ.unpack(key)[0] <= last and cursor.delete():
+                # Compared as bytes (big-endian: the same order), which a corrupted key survives.
+                end = _SEQ.pack(last)
+                while (key := cursor.key()) and key <= end and cursor.delete():
                     pass
             txn.delete(_INFLIGHT, db=self.meta)
         self.env.sync(True)
@@ -127,9 +162,10 @@ class Spool:
         return stat["psize"] * (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"])
 
     def dropped(self) -> int:
+        """Events dropped so far: as recorded, and as this process could not record yet."""
         with self.env.begin(db=self.meta) as txn:
             raw = txn.get(_DROPPED)
-        return _SEQ.unpack(raw)[0] if raw else 0
+        return (_SEQ.unpack(raw)[0] if raw else 0) + self._unsaved_drops
 
     def enforce_cap(self, cap_bytes: int, chunk: int = 10_000) -> int:
         """Drop the oldest events (never the in-flight batch) until the spool is under its cap."""
@@ -148,8 +184,7 @@ class Spool:
                     key = cursor.key()
                     if not key:  # past the last entry
                         break
-                    seq = _SEQ.unpack(key)[0]
-                    if inflight is not None and inflight[0] <= seq <= inflight[1]:
+                    if inflight is not None and _SEQ.pack(inflight[0]) <= key <= _SEQ.pack(inflight[1]):
                         if not cursor.next():
                             break
                         continue

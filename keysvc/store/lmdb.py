@@ -2,7 +2,7 @@
 
     <data_dir>/store/     records and their indexes; every commit is synced (durable)
     <data_dir>/counters/  rate-limit windows and credit balances (one table, see _core_py.py);
-                          sync off, writemap on
+                          sync off, writemap on (with disk blocks reserved ahead: `ReservedEnv`)
     <data_dir>/changes.hint  8 bytes, mmap'd: the newest change-log sequence number
 
 Why two environments: a verification with a rate limit or credits is one write transaction
@@ -28,6 +28,7 @@ import hashlib
 import mmap
 import os
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,6 +129,94 @@ def translate_lmdb_error(exc: BaseException, where: str) -> StoreError:
     return StoreError(f"the store at {where} failed: {text}")
 
 
+# Disk blocks kept allocated past the last page of a writemap environment (see ReservedEnv).
+RESERVE_PAGES = 2048  # the reserve each write transaction starts with, when the disk has room
+MIN_RESERVE_PAGES = 512  # on a full disk: writes go on while this much is left, then are refused
+RETRY_FULL_DISK = 1.0  # seconds between two attempts to allocate on a full disk
+CHECK_EVERY = 32  # write transactions between two looks at the last page in use
+
+
+class ReservedEnv:
+    """A writemap environment (the counters) whose file has disk blocks allocated ahead of the
+    pages LMDB uses, so that a full disk is a StoreFullError and not a dead process.
+
+    With writemap, LMDB stores pages through a shared mapping of a sparse file. When the file
+    system cannot back a page on first write (a full disk), the kernel kills the process with
+    SIGBUS: no error code, no exception, and Granian's respawned worker dies the same way at its
+    next new page. So before each write transaction, the blocks of the next RESERVE_PAGES pages
+    past the last page in use are allocated (posix_fallocate, up to twice that at once). When the
+    disk cannot give them, writes go on within what is still reserved (charges of existing keys
+    mostly reuse freed pages and need none), and are refused with StoreFullError once less than
+    MIN_RESERVE_PAGES is left. Everything else is the wrapped environment's own."""
+
+    __slots__ = ("env", "where", "_info", "_fd", "_psize", "_map_size", "_allocated", "_last_ok", "_retry_at",
+                 "_writes")
+
+    def __init__(self, env: lmdb.Environment, data_file: Path, where: str) -> None:
+        self.env = env
+        self.where = where
+        self._info = env.info
+        self._fd = os.open(data_file, os.O_RDWR | os.O_CLOEXEC)
+        self._psize = env.stat()["psize"]
+        self._map_size = env.info()["map_size"]
+        self._allocated = 0  # bytes from the file's start known to have blocks, in this process
+        self._last_ok = -1  # the highest last page in use that leaves RESERVE_PAGES allocated
+        self._retry_at = 0.0  # time.monotonic() before which a full disk is not asked again
+        self._writes = CHECK_EVERY  # the first write transaction looks
+
+    def begin(self, db: Any = None, parent: Any = None, write: bool = False, buffers: bool = False) -> Any:
+        # The hot path's cost: a count, and one mdb_env_info (a dict, ~1 us) every CHECK_EVERY
+        # write transactions; between two looks a few dozen transactions cannot use up a reserve
+        # of RESERVE_PAGES, nor on a full disk the MIN_RESERVE_PAGES left.
+        if write:
+            self._writes += 1
+            if self._writes >= CHECK_EVERY:
+                self._writes = 0
+                if self._info()["last_pgno"] > self._last_ok:
+                    self.reserve()
+        return self.env.begin(db, parent, write, buffers)
+
+    def reserve(self, pages: int = RESERVE_PAGES) -> None:
+        """Make sure the next `pages` pages past the last one in use have disk blocks; raises
+        StoreFullError if the disk cannot give MIN_RESERVE_PAGES of them. On a full disk, the
+        whole reserve is asked for again at most every RETRY_FULL_DISK seconds."""
+        used = (self._info()["last_pgno"] + 1) * self._psize
+        if used + pages * self._psize <= self._allocated:
+            return
+        needed = min(self._map_size, used + min(pages, MIN_RESERVE_PAGES) * self._psize)
+        if time.monotonic() >= self._retry_at:
+            if self._fallocate(min(self._map_size, used + 2 * pages * self._psize)):
+                return
+            self._retry_at = time.monotonic() + RETRY_FULL_DISK
+        # The disk is full: go on within what is reserved, down to the minimum.
+        if not self._fallocate(needed):
+            raise StoreFullError(f"the disk holding {self.where} is full; nothing was written")
+
+    def _fallocate(self, end: int) -> bool:
+        """Blocks for [0, end); False if the disk is full."""
+        if end <= self._allocated:
+            return True
+        try:
+            # From 0, not from what this process allocated: another one may have left holes
+            # below (a failed allocation on a file system that keeps part of it).
+            os.posix_fallocate(self._fd, 0, end)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                return False
+            # No way to reserve on this file system (EOPNOTSUPP, EINVAL, ...): as plain LMDB.
+            end = self._map_size
+        self._allocated = end
+        self._last_ok = end // self._psize - RESERVE_PAGES - 1 if end < self._map_size else 1 << 62
+        return True
+
+    def close(self) -> None:
+        self.env.close()
+        os.close(self._fd)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.env, name)
+
+
 class LmdbStore:
     """Opens (creating if needed) the node's store in this process."""
 
@@ -140,10 +229,12 @@ class LmdbStore:
             try:
                 path.mkdir(mode=0o700, parents=True, exist_ok=True)
                 if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+                    if os.statvfs(path).f_flag & os.ST_RDONLY:
+                        raise OSError(errno.EROFS, "Read-only file system", str(path))
                     raise PermissionError(errno.EACCES, "Permission denied", str(path))
                 self.store_env = self._open(path / "store", config.map_size, len(_STORE_DBS), sync=True)
-                self.counters_env = self._open(path / "counters", config.counters_map_size, 1, sync=False,
-                                               writemap=True)
+                counters = self._open(path / "counters", config.counters_map_size, 1, sync=False, writemap=True)
+                self.counters_env = ReservedEnv(counters, path / "counters" / "data.mdb", str(path))
                 self._hint_file, self.hint = self._open_hint(path / "changes.hint")
             finally:
                 os.umask(old_umask)
@@ -248,12 +339,24 @@ class LmdbStore:
         """Set (key id, remaining, last refill) balances in one transaction, synced."""
         self._check_pid()
         try:
+            self.counters_env.reserve(RESERVE_PAGES + len(balances) // 16)  # an import may write many pages
             with self.counters_env.begin(write=True, db=self.counters_db) as txn:
                 for key_id, remaining, last_refill_at in balances:
                     txn.put(credits_key(key_id), _CREDITS.pack(remaining, last_refill_at))
             self.sync_counters()
         except (lmdb.Error, OSError) as exc:
             raise translate_lmdb_error(exc, str(self.path)) from None
+
+    def get_credits_many(self, key_ids: list[str]) -> list[tuple[int, int] | None]:
+        """The stored (remaining, last refill) of each key, None where it has none, read in one
+        transaction: what an export reads per batch of keys."""
+        self._check_pid()
+        try:
+            with self.counters_env.begin(db=self.counters_db) as txn:
+                raws = [txn.get(credits_key(key_id)) for key_id in key_ids]
+        except (lmdb.Error, OSError) as exc:
+            raise translate_lmdb_error(exc, str(self.path)) from None
+        return [None if raw is None else _CREDITS.unpack(raw) for raw in raws]
 
     def sync_counters(self) -> None:
         """Flush the counters environment to disk: bounds what an OS crash could lose."""
@@ -398,6 +501,10 @@ class ReadTxn:
             if not key.startswith(prefix):
                 return
             yield key, value
+
+    def count(self, db: str) -> int:
+        """How many entries one table holds (LMDB keeps the number: no scan)."""
+        return int(self.txn.stat(self.dbs[db])["entries"])
 
     def records_from(self, db: str, kind: type, start: str = "") -> Iterator[Any]:
         """Records of one table in key order, from `start` on."""
@@ -579,7 +686,10 @@ def node_lock(data_dir: str) -> Iterator[None]:
     """Held by `keysvc serve` for its lifetime: one server per data dir (its flusher alone may
     open the embedded ClickHouse). Raises StoreLockedError naming the holder."""
     path = Path(data_dir) / "serve.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:  # a read-only file system, a full disk, ...: one clear message
+        raise translate_lmdb_error(exc, data_dir) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -588,8 +698,13 @@ def node_lock(data_dir: str) -> Iterator[None]:
             raise StoreLockedError(
                 f"{data_dir} is locked: another keysvc serve (pid {holder}) is using it"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            # The pid only names the holder: a full disk must not keep the node from serving.
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise translate_lmdb_error(exc, data_dir) from None
         yield
     finally:
         os.close(fd)
