@@ -632,6 +632,80 @@ class Management:
             return best
 
 
+    # -- root keys, for the command line ---------------------------------------------------------------
+
+    def list_root_keys(self, include_revoked: bool = False) -> list[r.Key]:
+        with self.store.read() as reader:
+            keys = [reader.key(key_id) for key_id in reader.key_ids_of_keyspace(ROOT_KEYSPACE)]
+        return [key for key in keys if key is not None and (include_revoked or key.deleted_at is None)]
+
+    def revoke_root_key(self, key_id: str) -> r.Key:
+        """Soft-delete a root key: the change log makes every worker refuse it at its next request."""
+        with self.store.write() as w:
+            key = w.key(key_id)
+            if key is None or key.api_id or key.keyspace_id != ROOT_KEYSPACE or key.deleted_at is not None:
+                raise NotFound("key", f"No live root key '{key_id}'.")
+            key.deleted_at = now_ms()
+            w.put_key(key)
+        return key
+
+    # -- restores ----------------------------------------------------------------------------------------
+
+    def restore(self, records: Sequence[msgspec.Struct], balances: Sequence[tuple[str, int, int]] = ()) -> None:
+        """Write records as they are (ids, hashes and timestamps kept), and (key id, remaining,
+        last refill) balances, in one store transaction: what the import of an export does. A
+        record whose id exists is replaced; one whose unique name (a key's hash, an identity's
+        external id, a permission's slug, a role's or namespace's name) belongs to another record
+        is refused with Conflict, and nothing of this call is written."""
+        # Balances first (synced), as for new keys: a crash in between leaves balances of keys
+        # that are not there yet, which nothing reads.
+        with self.store.read() as reader:
+            for record in records:
+                _check_restorable(reader, record)
+        if balances:
+            self.store.set_credits_many(list(balances))
+        with self.store.write() as w:
+            for record in records:
+                # Again inside the write transaction: another writer may have come in between.
+                _check_restorable(w, record)
+                if isinstance(record, r.Key):
+                    w.put_key(record)
+                elif isinstance(record, r.Api):
+                    w.put_api(record)
+                elif isinstance(record, r.Identity):
+                    w.put_identity(record)
+                elif isinstance(record, r.Permission):
+                    w.put_permission(record)
+                elif isinstance(record, r.Role):
+                    w.put_role(record)
+                elif isinstance(record, r.Namespace):
+                    w.put_namespace(record)
+                elif isinstance(record, r.Override):
+                    w.put_override(record)
+                else:
+                    raise BadRequest(f"a {type(record).__name__} is not a record that can be restored")
+
+
+def _check_restorable(reader: ReadTxn, record: msgspec.Struct) -> None:
+    """Conflict if the record's unique name is another record's: writing it would repoint that
+    name's index and orphan the other record."""
+    owner: Any = None
+    if isinstance(record, r.Key):
+        owner_id = reader.key_id_by_hash(record.hash, record.hash_alg)
+        if owner_id is not None and owner_id != record.id:
+            raise Conflict("key", f"key {record.id} has the hash of key {owner_id}, which exists already")
+        return
+    if isinstance(record, r.Identity):
+        owner, what, name = reader.identity_by_external_id(record.external_id), "identity", record.external_id
+    elif isinstance(record, r.Permission):
+        owner, what, name = reader.permission_by_slug(record.slug), "permission", record.slug
+    elif isinstance(record, r.Role):
+        owner, what, name = reader.role_by_name(record.name), "role", record.name
+    elif isinstance(record, r.Namespace):
+        owner, what, name = reader.namespace_by_name(record.name), "ratelimit_namespace", record.name
+    if owner is not None and owner.id != record.id:
+        raise Conflict(what, f"{what} {record.id} is named {name!r}, which {owner.id} is already")
+
 def _page(records: Iterable[Any], limit: int, keep: Any, key: Any = lambda record: record.id) -> tuple[list[Any], str | None]:
     """Up to `limit` kept records, and the key of the next one as the cursor of the next page."""
     page: list[Any] = []

@@ -9,14 +9,14 @@ from keysvc import __version__
 from keysvc.config import ConfigError
 from keysvc.store import StoreError
 
-from . import doctor, root_keys, serve
+from . import apis, backup, doctor, keys, root_keys, serve
 
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="keysvc", description="A fast, self-hosted API-key service.")
     root.add_argument("--version", action="version", version=f"keysvc {__version__}")
     commands = root.add_subparsers(dest="command", required=True)
-    for group in (serve, root_keys, doctor):
+    for group in (serve, root_keys, apis, keys, backup, doctor):
         group.register(commands)
     return root
 

@@ -3,13 +3,19 @@ output as a human table or as JSON."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import functools
 import json
+import os
+import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from keysvc.config import Config, load
+import msgspec
+
+from keysvc.config import Config, load, validate
 from keysvc.store import LmdbStore, StoreConfig
 
 
@@ -22,6 +28,65 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar on stderr (default: when stderr is a terminal)")
+
+
+class UsageError(Exception):
+    """Input the command cannot use (an unknown id, a malformed line): exit code 2, one line."""
+
+
+Run = Callable[[argparse.Namespace], int]
+
+
+def guarded(run: Run) -> Run:
+    """The command's domain refusals as one `keysvc: error:` line and exit code 2, like the
+    store's and the config's (which main() turns into the same)."""
+    from keysvc.errors import KeysvcError
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (KeysvcError, UsageError) as exc:
+            return fail(str(exc))
+
+    return wrapper
+
+
+def fail(message: str) -> int:
+    sys.stdout.flush()
+    print(f"keysvc: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+T = TypeVar("T")
+
+_WHERE = re.compile(r" - at `\$\.?([A-Za-z0-9_]*)([^`]*)`$")
+
+
+def checked(kind: type[T], body: dict[str, Any], flags: Mapping[str, str]) -> T:
+    """`body` as the API's request type `kind`, so that the command line takes exactly what the
+    HTTP API takes; a refusal names the flag (`flags` maps wire fields to flags)."""
+    try:
+        return msgspec.convert(body, kind)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        found = _WHERE.search(text)
+        if found is None:
+            raise UsageError(text) from None
+        flag = flags.get(found.group(1), found.group(1))
+        raise UsageError(f"invalid {flag}{found.group(2)}: {text[:found.start()]}") from None
+
+
+def iso_ms(ms: int | None) -> str | None:
+    """Unix milliseconds as an ISO 8601 UTC time, for tables; JSON keeps the number."""
+    if ms is None:
+        return None
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def config_of(args: argparse.Namespace) -> Config:
     config = load(getattr(args, "config", None))
     if getattr(args, "data_dir", None):
@@ -30,7 +95,7 @@ def config_of(args: argparse.Namespace) -> Config:
         value = getattr(args, flag, None)
         if value is not None:
             setattr(config.server, flag, value)
-    return config
+    return validate(config)  # flags are settings too: --port 70000 is refused like server.port: 70000
 
 
 def store_config(config: Config) -> StoreConfig:
@@ -39,8 +104,13 @@ def store_config(config: Config) -> StoreConfig:
 
 
 @contextmanager
-def open_store(args: argparse.Namespace) -> Iterator[LmdbStore]:
-    store = LmdbStore(store_config(config_of(args)))
+def open_store(args: argparse.Namespace, must_exist: bool = False) -> Iterator[LmdbStore]:
+    """The store of the data dir the flags and config name. `must_exist`: for commands that only
+    read or change what is there, so that a mistyped --data-dir is an error, not a new empty store."""
+    config = store_config(config_of(args))
+    if must_exist and not os.path.exists(config.data_dir):
+        raise UsageError(f"there is no data dir at {config.data_dir} (--data-dir, or storage.data_dir in the config)")
+    store = LmdbStore(config)
     try:
         yield store
     finally:
