@@ -366,3 +366,13 @@ def test_the_cli_uses_the_file_and_the_environment(tmp_path: Path) -> None:
     report = json.loads(done.stdout)
     assert report["store_map_size_bytes"] == 16 << 20
     assert report["counters_map_size_bytes"] == 8 << 20
+
+
+def test_the_readme_example_config_is_valid(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", readme, re.S)
+    assert block is not None
+    path = tmp_path / "readme.yaml"
+    path.write_text(block.group(1))
+    config = load(str(path), {})
+    assert config.server.host == "0.0.0.0" and config.analytics.clickhouse_url
