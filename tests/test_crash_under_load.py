@@ -191,6 +191,7 @@ def test_sigkill_of_workers_flusher_and_server_under_load(tmp_path: Path):
     server = Server(data_dir, workers=2, extra=("--config", str(config)), new_session=True)
     rng = random.Random()
     load = None
+    figures: dict[str, str] = {}  # printed at the end (pytest -s): bench/README.md quotes a run
     try:
         api_id = call(server, "/v2/apis.createApi", {"name": "crash-under-load"})["apiId"]
         keys = []
@@ -212,12 +213,14 @@ def test_sigkill_of_workers_flusher_and_server_under_load(tmp_path: Path):
         wait_until(lambda: [p for p in server.worker_pids() if p not in workers], LIVENESS,
                    "Granian to spawn a worker in place of the killed one")
         wait_until(lambda: load.answered_after(killed_at), LIVENESS, "an answer after a worker was killed")
+        figures["first worker killed: answers again within"] = f"{time.monotonic() - killed_at:.2f} s"
         # Then the other original one: only the respawned worker is left to answer.
         answers_before = len(load.answers)
         os.kill(second, signal.SIGKILL)
         killed_at = time.monotonic()
         wait_until(lambda: load.answered_after(killed_at) and len(load.answers) > answers_before + 50, LIVENESS,
                    "answers from the respawned worker after the other original one was killed")
+        figures["second worker killed: 50 answers again within"] = f"{time.monotonic() - killed_at:.2f} s"
         wait_until(lambda: len([p for p in server.worker_pids() if p not in workers]) >= 2, LIVENESS,
                    "Granian to spawn a worker in place of the second killed one")
 
@@ -246,7 +249,9 @@ def test_sigkill_of_workers_flusher_and_server_under_load(tmp_path: Path):
     assert not any(a["valid"] for a in load.answers if a["key_id"] is None)
     assert len(load.created) > 5, "too few keys created under load"
 
+    restarted_at = time.monotonic()
     server = Server(data_dir, workers=2, extra=("--config", str(config)), new_session=True)
+    figures["whole node killed: restarted and answering within"] = f"{time.monotonic() - restarted_at:.2f} s"
     try:
         # Analytics first (the checks below verify keys, which adds events): every answered
         # verification exactly once.
@@ -265,6 +270,7 @@ def test_sigkill_of_workers_flusher_and_server_under_load(tmp_path: Path):
             return status == 200
 
         wait_until(drained, DRAIN, "the restarted flusher to land every spooled event", interval=0.5)
+        figures["spool drained after the restart within"] = f"{time.monotonic() - restarted_at:.2f} s"
         rows = analytics(server, "SELECT request_id, key_id, outcome FROM key_verifications_v1")
         seen = Counter(row["request_id"] for row in rows)
         twice = {rid: n for rid, n in seen.items() if n > 1}
@@ -301,5 +307,12 @@ def test_sigkill_of_workers_flusher_and_server_under_load(tmp_path: Path):
         result = call(server, "/v2/keys.verifyKey", {"key": fresh["key"]})
         assert (result["valid"], result["credits"]) == (True, 2)
         assert stale_readers(data_dir) == {"store": [], "counters": [], "spool": []}
+        figures.update({
+            "verifications answered (VALID)": f"{len(answered)} ({sum(valid.values())})",
+            "requests sent without an answer (lost with a killed process)": str(unanswered),
+            "rows in ClickHouse (answered, each once; + landed unanswered)": f"{len(rows)}",
+            "keys created under load, all present": str(len(load.created)),
+        })
+        print("\n".join(f"{name}: {value}" for name, value in figures.items()))
     finally:
         assert server.stop() == 0, server.log()

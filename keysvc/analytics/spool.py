@@ -21,6 +21,7 @@ import lmdb
 log = logging.getLogger("keysvc.analytics")
 
 _SEQ = struct.Struct(">Q")
+LAND_CHUNK = 500  # entries removed per write transaction (see Spool.land)
 _NEXT = b"next"
 _DROPPED = b"dropped"
 _INFLIGHT = b"inflight"
@@ -140,16 +141,27 @@ class Spool:
         self.env.sync(True)
 
     def land(self, first: int, last: int) -> None:
-        """ClickHouse has the batch: remove it from the spool, and the in-flight mark with it."""
-        with self.env.begin(write=True, db=self.events) as txn:
-            cursor = txn.cursor()
-            if cursor.set_range(_SEQ.pack(first)):
-                # delete() moves to the next entry; past the last one the cursor has no key.
-                # Compared as bytes (big-endian: the same order), which a corrupted key survives.
-                end = _SEQ.pack(last)
-                while (key := cursor.key()) and key <= end and cursor.delete():
-                    pass
-            txn.delete(_INFLIGHT, db=self.meta)
+        """ClickHouse has the batch: remove it from the spool, and the in-flight mark with it.
+
+        In transactions of LAND_CHUNK entries: the workers append under the same writer lock, and
+        the flusher runs at nice 19, so under load a long transaction of its own would hold them
+        up for as long as the scheduler keeps it waiting (a priority inversion: the soak saw it as
+        p99 spikes). A flusher that dies half-way leaves the mark: the next one sends what is left
+        of the range with the same deduplication token, which ClickHouse drops, and lands it."""
+        end = _SEQ.pack(last)
+        done = False
+        while not done:
+            with self.env.begin(write=True, db=self.events) as txn:
+                cursor = txn.cursor()
+                removed = 0
+                if cursor.set_range(_SEQ.pack(first)):
+                    # delete() moves to the next entry; past the last one the cursor has no key.
+                    # Compared as bytes (big-endian: the same order), which a corrupted key survives.
+                    while removed < LAND_CHUNK and (key := cursor.key()) and key <= end and cursor.delete():
+                        removed += 1
+                done = removed < LAND_CHUNK
+                if done:
+                    txn.delete(_INFLIGHT, db=self.meta)
         self.env.sync(True)
 
     def depth(self) -> int:
@@ -167,7 +179,7 @@ class Spool:
             raw = txn.get(_DROPPED)
         return (_SEQ.unpack(raw)[0] if raw else 0) + self._unsaved_drops
 
-    def enforce_cap(self, cap_bytes: int, chunk: int = 10_000) -> int:
+    def enforce_cap(self, cap_bytes: int, chunk: int = LAND_CHUNK) -> int:
         """Drop the oldest events (never the in-flight batch) until the spool is under its cap."""
         dropped = 0
         inflight = self.inflight()
