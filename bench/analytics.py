@@ -47,7 +47,6 @@ sys.dont_write_bytecode = True  # no __pycache__ in bench/ for importing the sib
 
 import argparse
 import asyncio
-import importlib.util
 import platform
 import random
 import shlex
@@ -59,11 +58,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# bench/http.py's helpers (machine header, servers, the key, wrk), loaded under another name.
-_spec = importlib.util.spec_from_file_location("bench_http", Path(__file__).resolve().parent / "http.py")
-bh = importlib.util.module_from_spec(_spec)
-sys.modules["bench_http"] = bh
-_spec.loader.exec_module(bh)
+from machine import bench_http
+
+bh = bench_http()  # bench/http.py's helpers
 
 from keysvc.analytics import events
 from keysvc.analytics.client import AnalyticsUnavailable, run_query

@@ -1,12 +1,26 @@
 """The machine and the code a benchmark ran on, for the header every bench script prints."""
 from __future__ import annotations
 
+import importlib.util
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def bench_http() -> ModuleType:
+    """bench/http.py's helpers (servers, the bench key, wrk), loaded as `bench_http`: under its
+    own name it would shadow the standard library's `http` package."""
+    if "bench_http" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_http", Path(__file__).resolve().parent / "http.py")
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules["bench_http"] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules["bench_http"]
 
 
 def cpu_model() -> str:

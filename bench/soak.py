@@ -49,7 +49,6 @@ sys.dont_write_bytecode = True  # no __pycache__ in bench/ for importing the sib
 import argparse
 import asyncio
 import collections
-import importlib.util
 import json
 import platform
 import resource
@@ -64,13 +63,9 @@ from pathlib import Path
 from time import perf_counter
 from urllib.parse import urlsplit
 
-# bench/http.py's helpers (servers, the key, wrk), loaded under another name.
-_spec = importlib.util.spec_from_file_location("bench_http", Path(__file__).resolve().parent / "http.py")
-bh = importlib.util.module_from_spec(_spec)
-sys.modules["bench_http"] = bh
-_spec.loader.exec_module(bh)  # type: ignore[union-attr]
+from machine import bench_http, cpu_model, keysvc_revision, version
+bh = bench_http()  # bench/http.py's helpers
 
-from machine import cpu_model, keysvc_revision, version
 
 MiB = 1 << 20
 UNANSWERED_GRACE = 10.0  # seconds a request may stay in flight after the load stops

@@ -42,7 +42,6 @@ if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.dirname(os.path.
 sys.dont_write_bytecode = True  # no __pycache__ in bench/ for importing the sibling script
 
 import argparse
-import importlib.util
 import json
 import platform
 import random
@@ -57,13 +56,9 @@ from pathlib import Path
 from time import perf_counter, perf_counter_ns
 from urllib.parse import urlsplit
 
-# bench/http.py's helpers (servers, the root key, the API calls), loaded under another name.
-_spec = importlib.util.spec_from_file_location("bench_http", Path(__file__).resolve().parent / "http.py")
-bh = importlib.util.module_from_spec(_spec)
-sys.modules["bench_http"] = bh
-_spec.loader.exec_module(bh)  # type: ignore[union-attr]
+from machine import bench_http, cpu_model, keysvc_revision, version
+bh = bench_http()  # bench/http.py's helpers
 
-from machine import cpu_model, keysvc_revision, version
 
 from keysvc.keys import generate_key
 
