@@ -32,17 +32,29 @@ VERIFICATIONS_TABLE = "key_verifications_raw_v2"
 RATELIMITS_TABLE = "ratelimits_raw_v2"
 VERSIONS_TABLE = "keysvc_schema_versions"
 
+# The raw tables' columns the events do not carry take these defaults: one workspace per node.
+WORKSPACE = "ws_local"
+REGION = "local"
+
 # Insert order, as in the contract (and unkeyed/unkey's columns_generated.go).
 VERIFICATION_COLUMNS = ("request_id", "time", "workspace_id", "key_space_id", "identity_id", "external_id", "key_id",
                         "region", "source", "app_id", "outcome", "tags", "spent_credits", "latency")
 RATELIMIT_COLUMNS = ("request_id", "time", "workspace_id", "namespace_id", "identifier", "passed", "latency",
                      "override_id", "limit", "remaining", "reset_at", "tokens")
-# Their types, given with each insert so that it needs no round trip to describe the table.
 VERIFICATION_TYPES = ("String", "Int64", "String", "String", "String", "String", "String", "LowCardinality(String)",
                       "LowCardinality(String)", "LowCardinality(String)", "LowCardinality(String)", "Array(String)",
                       "Int64", "Float64")
 RATELIMIT_TYPES = ("String", "Int64", "String", "String", "String", "Bool", "Float64", "String", "UInt64", "UInt64",
                    "Int64", "UInt64")
+_TYPES = {VERIFICATIONS_TABLE: dict(zip(VERIFICATION_COLUMNS, VERIFICATION_TYPES)),
+          RATELIMITS_TABLE: dict(zip(RATELIMIT_COLUMNS, RATELIMIT_TYPES))}
+
+
+def types_of(table: str, columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The ClickHouse types of some columns of a raw table, given with an insert so that it needs no
+    round trip to describe the table."""
+    return tuple(_TYPES[table][column] for column in columns)
+
 
 GRAINS = ("minute", "hour", "day", "month")
 _TTL = {"minute": "7 DAY", "hour": "90 DAY", "day": "365 DAY", "month": "3650 DAY"}
@@ -83,12 +95,12 @@ def _raw_tables() -> list[str]:
 CREATE TABLE IF NOT EXISTS {VERIFICATIONS_TABLE} (
     request_id String CODEC(ZSTD(1)),
     time Int64 CODEC(Delta, ZSTD(1)),
-    workspace_id String DEFAULT 'ws_local' CODEC(ZSTD(1)),
+    workspace_id String DEFAULT '{WORKSPACE}' CODEC(ZSTD(1)),
     key_space_id String CODEC(ZSTD(1)),
     identity_id String CODEC(ZSTD(1)),
     external_id String CODEC(ZSTD(1)),
     key_id String CODEC(ZSTD(1)),
-    region LowCardinality(String) DEFAULT 'local' CODEC(ZSTD(1)),
+    region LowCardinality(String) DEFAULT '{REGION}' CODEC(ZSTD(1)),
     source LowCardinality(String) DEFAULT 'api' CODEC(ZSTD(1)),
     app_id LowCardinality(String) DEFAULT '' CODEC(ZSTD(1)),
     outcome LowCardinality(String) CODEC(ZSTD(1)),
@@ -108,7 +120,7 @@ SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}""",
 CREATE TABLE IF NOT EXISTS {RATELIMITS_TABLE} (
     request_id String,
     time Int64 CODEC(Delta, LZ4),
-    workspace_id String DEFAULT 'ws_local',
+    workspace_id String DEFAULT '{WORKSPACE}',
     namespace_id String,
     identifier String,
     passed Bool,
@@ -143,6 +155,9 @@ _ALIAS_TIME = {"minute": "t.time", "hour": "t.time", "day": "toDate(t.time, 'UTC
 _MINUTE = "toStartOfMinute(fromUnixTimestamp64Milli(r.time, 'UTC'))"
 # One t-digest state answers both quantiles: half the work of one state per quantile.
 _QUANTILES = "quantilesTDigest(0.75, 0.99)"
+_QUANTILES_STATE = "quantilesTDigestState(0.75, 0.99)"
+_QUANTILES_MERGE_STATE = "quantilesTDigestMergeState(0.75, 0.99)"
+_QUANTILES_MERGE = "quantilesTDigestMerge(0.75, 0.99)"
 
 VERIFICATION_ROLLUPS = "key_verifications_rollups_v1"
 RATELIMIT_ROLLUPS = "ratelimits_rollups_v1"
@@ -177,38 +192,12 @@ CREATE TABLE IF NOT EXISTS {VERIFICATION_ROLLUPS} (
 ORDER BY (grain, workspace_id, time, key_space_id, identity_id, external_id, key_id, outcome, tags, source, app_id)
 TTL {_GRAIN_TTL}
 SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}""",
-        f"""
-CREATE MATERIALIZED VIEW IF NOT EXISTS {VERIFICATION_ROLLUPS}_mv TO {VERIFICATION_ROLLUPS} AS
-SELECT
-    g.1 AS grain, g.2 AS time, {keys},
-    toInt64(sum(m.count)) AS count,
-    toInt64(sum(m.spent_credits)) AS spent_credits,
-    avgMergeState(m.latency_avg) AS latency_avg,
-    {_QUANTILES.replace("(", "MergeState(", 1)}(m.latency_quantiles) AS latency_quantiles
-FROM (
-    SELECT
-        {_MINUTE} AS minute, {keys},
-        count() AS count,
-        sum(r.spent_credits) AS spent_credits,
-        avgState(r.latency) AS latency_avg,
-        {_QUANTILES.replace("(", "State(", 1)}(r.latency) AS latency_quantiles
-    FROM {VERIFICATIONS_TABLE} AS r
-    GROUP BY minute, {keys}
-) AS m
-{_FAN_OUT}
-GROUP BY grain, time, {keys}""",
+        _rollup_feed(VERIFICATION_ROLLUPS, VERIFICATIONS_TABLE, keys,
+                     [("count", "count()"), ("spent_credits", "sum(r.spent_credits)")]),
     ]
-    for grain in GRAINS:
-        statements.append(f"""
-CREATE VIEW IF NOT EXISTS key_verifications_per_{grain}_v1 AS
-SELECT
-    {_ALIAS_TIME[grain]} AS time, key_space_id, identity_id, external_id, key_id, outcome, tags,
-    sum(t.count) AS count,
-    sum(t.spent_credits) AS spent_credits,{_latency_merge()}
-FROM {VERIFICATION_ROLLUPS} AS t
-WHERE t.grain = '{grain}'
-GROUP BY time, key_space_id, identity_id, external_id, key_id, outcome, tags""")
-    return statements
+    return statements + _rollup_aliases("key_verifications", VERIFICATION_ROLLUPS,
+                                        "key_space_id, identity_id, external_id, key_id, outcome, tags",
+                                        ["count", "spent_credits"])
 
 
 def _ratelimit_rollups() -> list[str]:
@@ -232,52 +221,50 @@ CREATE TABLE IF NOT EXISTS {RATELIMIT_ROLLUPS} (
 ORDER BY (grain, workspace_id, namespace_id, time, identifier)
 TTL {_GRAIN_TTL}
 SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}""",
-        f"""
-CREATE MATERIALIZED VIEW IF NOT EXISTS {RATELIMIT_ROLLUPS}_mv TO {RATELIMIT_ROLLUPS} AS
+        _rollup_feed(RATELIMIT_ROLLUPS, RATELIMITS_TABLE, keys,
+                     [("passed", "countIf(r.passed)"), ("total", "count()"),
+                      ("passed_tokens", "sumIf(r.tokens, r.passed)"), ("total_tokens", "sum(r.tokens)")]),
+    ]
+    return statements + _rollup_aliases("ratelimits", RATELIMIT_ROLLUPS, "namespace_id, identifier",
+                                        ["passed", "total", "passed_tokens", "total_tokens"])
+
+
+def _rollup_feed(rollups: str, raw: str, keys: str, sums: list[tuple[str, str]]) -> str:
+    """The materialized view from a raw table into its rollups: `sums` are (column, aggregate over
+    the raw rows `r`), summed again from minutes to every grain; the latency states beside them."""
+    inner = "".join(f"\n        {expression} AS {name}," for name, expression in sums)
+    outer = "".join(f"\n    toInt64(sum(m.{name})) AS {name}," for name, _ in sums)
+    return f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {rollups}_mv TO {rollups} AS
 SELECT
-    g.1 AS grain, g.2 AS time, {keys},
-    toInt64(sum(m.passed)) AS passed,
-    toInt64(sum(m.total)) AS total,
-    toInt64(sum(m.passed_tokens)) AS passed_tokens,
-    toInt64(sum(m.total_tokens)) AS total_tokens,
+    g.1 AS grain, g.2 AS time, {keys},{outer}
     avgMergeState(m.latency_avg) AS latency_avg,
-    {_QUANTILES.replace("(", "MergeState(", 1)}(m.latency_quantiles) AS latency_quantiles
+    {_QUANTILES_MERGE_STATE}(m.latency_quantiles) AS latency_quantiles
 FROM (
     SELECT
-        {_MINUTE} AS minute, {keys},
-        countIf(r.passed) AS passed,
-        count() AS total,
-        sumIf(r.tokens, r.passed) AS passed_tokens,
-        sum(r.tokens) AS total_tokens,
+        {_MINUTE} AS minute, {keys},{inner}
         avgState(r.latency) AS latency_avg,
-        {_QUANTILES.replace("(", "State(", 1)}(r.latency) AS latency_quantiles
-    FROM {RATELIMITS_TABLE} AS r
+        {_QUANTILES_STATE}(r.latency) AS latency_quantiles
+    FROM {raw} AS r
     GROUP BY minute, {keys}
 ) AS m
 {_FAN_OUT}
-GROUP BY grain, time, {keys}""",
-    ]
-    for grain in GRAINS:
-        statements.append(f"""
-CREATE VIEW IF NOT EXISTS ratelimits_per_{grain}_v1 AS
+GROUP BY grain, time, {keys}"""
+
+
+def _rollup_aliases(prefix: str, rollups: str, columns: str, sums: list[str]) -> list[str]:
+    """`<prefix>_per_<grain>_v1` for each grain: that grain's rows, finalized."""
+    totals = "".join(f"\n    sum(t.{name}) AS {name}," for name in sums)
+    return [f"""
+CREATE VIEW IF NOT EXISTS {prefix}_per_{grain}_v1 AS
 SELECT
-    {_ALIAS_TIME[grain]} AS time, namespace_id, identifier,
-    sum(t.passed) AS passed,
-    sum(t.total) AS total,
-    sum(t.passed_tokens) AS passed_tokens,
-    sum(t.total_tokens) AS total_tokens,{_latency_merge()}
-FROM {RATELIMIT_ROLLUPS} AS t
-WHERE t.grain = '{grain}'
-GROUP BY time, namespace_id, identifier""")
-    return statements
-
-
-def _latency_merge() -> str:
-    merge = _QUANTILES.replace("(", "Merge(", 1)
-    return f"""
+    {_ALIAS_TIME[grain]} AS time, {columns},{totals}
     avgMerge(t.latency_avg) AS latency_avg,
-    {merge}(t.latency_quantiles)[1] AS latency_p75,
-    {merge}(t.latency_quantiles)[2] AS latency_p99"""
+    {_QUANTILES_MERGE}(t.latency_quantiles)[1] AS latency_p75,
+    {_QUANTILES_MERGE}(t.latency_quantiles)[2] AS latency_p99
+FROM {rollups} AS t
+WHERE t.grain = '{grain}'
+GROUP BY time, {columns}""" for grain in GRAINS]
 
 
 def _raw_aliases() -> list[str]:
