@@ -12,9 +12,6 @@ from typing import Annotated
 
 import msgspec
 
-WORKSPACE = "ws_local"  # one workspace per keysvc node
-REGION = "local"
-
 Int64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 UInt64 = Annotated[int, msgspec.Meta(ge=0)]  # msgspec decodes no int past 2**64 - 1
 

@@ -135,27 +135,18 @@ def _in(value: int, bounds: tuple[int, int]) -> bool:
 
 
 def decode_rows(batch: list[tuple[int, bytes]]) -> tuple[list[tuple], list[tuple], list[int]]:
-    """The batch's verification rows and ratelimit rows, in the raw tables' column order, and the
-    sequence numbers of the records that could not be decoded (the events' types bound their
-    integers to their columns')."""
+    """The batch's verification rows and ratelimit rows, as the events' fields (the raw tables'
+    columns of events.VERIFICATION_COLUMNS and RATELIMIT_COLUMNS), and the sequence numbers of the
+    records that could not be decoded (the events' types bound their integers to their columns')."""
     verifications, ratelimits, bad = [], [], []
     for seq, raw in batch:
         try:
             event = events.decode(raw)
-            if isinstance(event, events.VerificationEvent):
-                verifications.append((
-                    event.request_id, event.time, events.WORKSPACE, event.key_space_id, event.identity_id,
-                    event.external_id, event.key_id, events.REGION, "api", "", event.outcome, event.tags,
-                    event.spent_credits, event.latency,
-                ))
-            else:
-                ratelimits.append((
-                    event.request_id, event.time, events.WORKSPACE, event.namespace_id, event.identifier,
-                    event.passed, event.latency, event.override_id, event.limit, event.remaining, event.reset_at,
-                    event.tokens,
-                ))
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):  # a bad record, never fatal
             bad.append(seq)
+            continue
+        rows = verifications if isinstance(event, events.VerificationEvent) else ratelimits
+        rows.append(msgspec.structs.astuple(event))
     return verifications, ratelimits, bad
 
 
@@ -427,12 +418,12 @@ class Flusher:
         numbers of the records it could not decode."""
         verifications, ratelimits, bad = decode_rows(batch)
         if verifications:
-            self.client.insert(schema.VERIFICATIONS_TABLE, verifications, column_names=schema.VERIFICATION_COLUMNS,
-                               column_type_names=schema.VERIFICATION_TYPES,
+            self.client.insert(schema.VERIFICATIONS_TABLE, verifications, column_names=events.VERIFICATION_COLUMNS,
+                               column_type_names=schema.types_of(schema.VERIFICATIONS_TABLE, events.VERIFICATION_COLUMNS),
                                settings=insert_settings(f"{token}:{schema.VERIFICATIONS_TABLE}"))
         if ratelimits:
-            self.client.insert(schema.RATELIMITS_TABLE, ratelimits, column_names=schema.RATELIMIT_COLUMNS,
-                               column_type_names=schema.RATELIMIT_TYPES,
+            self.client.insert(schema.RATELIMITS_TABLE, ratelimits, column_names=events.RATELIMIT_COLUMNS,
+                               column_type_names=schema.types_of(schema.RATELIMITS_TABLE, events.RATELIMIT_COLUMNS),
                                settings=insert_settings(f"{token}:{schema.RATELIMITS_TABLE}"))
         return bad
 
