@@ -27,9 +27,12 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+if TYPE_CHECKING:
+    from keysvc.config import Config
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 FLUSH_EVERY = 0.05  # seconds an access line may wait in its worker's buffer
@@ -48,12 +51,12 @@ class _Settings:
 settings = _Settings()
 
 
-def _config_values(config: Any) -> tuple[str, str, bool]:
-    section = getattr(config, "logging", None)
-    return (getattr(section, "format", "auto"), getattr(section, "level", "info"), getattr(section, "access", True))
+def _config_values(config: Config) -> tuple[str, str, bool]:
+    section = config.logging
+    return section.format, section.level, section.access
 
 
-def setup(config: Any, role: str, stream: Any = None) -> None:
+def setup(config: Config, role: str, stream: Any = None) -> None:
     """Configure logging for this process (`role`: master, worker or flusher)."""
     fmt, level, access = _config_values(config)
     stream = sys.stderr if stream is None else stream
@@ -67,7 +70,7 @@ def setup(config: Any, role: str, stream: Any = None) -> None:
     threading.excepthook = _thread_excepthook
 
 
-def dictconfig(config: Any) -> dict[str, Any]:
+def dictconfig(config: Config) -> dict[str, Any]:
     """The logging.config dict of this process, for `setup` and for Granian's `log_dictconfig`
     (Granian applies it again in each worker it forks): the root logger, Granian's `_granian`,
     and `granian.access` (left at warning: keysvc writes its own access lines) all go to one
@@ -87,11 +90,11 @@ def dictconfig(config: Any) -> dict[str, Any]:
     }
 
 
-def granian_level(config: Any) -> str:
+def granian_level(config: Config) -> str:
     return _config_values(config)[1]
 
 
-def access_enabled(config: Any) -> bool:
+def access_enabled(config: Config) -> bool:
     """Whether this config asks for access lines (logging.access, at level info or below)."""
     _, level, access = _config_values(config)
     return bool(access) and LEVELS[level] <= logging.INFO

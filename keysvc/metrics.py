@@ -359,8 +359,7 @@ def flusher(config: Any) -> FlusherMetrics:
     """The flusher process's recorder, made on first use (its file too)."""
     global _flusher
     if _flusher is None or _flusher[0] != os.getpid():
-        enabled = getattr(getattr(config, "metrics", None), "enabled", True)
-        _flusher = (os.getpid(), FlusherMetrics(config.storage.data_dir, enabled))
+        _flusher = (os.getpid(), FlusherMetrics(config.storage.data_dir, config.metrics.enabled))
     return _flusher[1]
 
 

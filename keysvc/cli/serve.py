@@ -101,13 +101,13 @@ def run(args: argparse.Namespace) -> int:
 def metrics_listener(config: Config) -> tuple[MetricsListener | None, str | None]:
     """(the metrics listener, bound, or None; the reason it cannot be, or None). The metrics files
     of the last run are removed first: the counters start at zero with the node."""
-    settings = getattr(config, "metrics", None)
-    if not getattr(settings, "enabled", True):
+    settings = config.metrics
+    if not settings.enabled:
         return None, None
     from keysvc import metrics
 
     metrics.empty_dir(metrics.metrics_dir(config.storage.data_dir))
-    host, port = getattr(settings, "host", "127.0.0.1"), getattr(settings, "port", None)
+    host, port = settings.host, settings.port
     if port is None:
         return None, None
     from keysvc.metrics import MetricsListener

@@ -83,9 +83,8 @@ class App:
         self.config = config
         self.node: Node | None = None
         self.max_body = config.server.max_body_bytes
-        settings = getattr(config, "metrics", None)
-        enabled = getattr(settings, "enabled", True)
-        token = getattr(settings, "bearer_token", None) if enabled else None
+        enabled = config.metrics.enabled
+        token = config.metrics.bearer_token if enabled else None
         self.metrics_token = token.encode() if token else None
         self.metrics = metrics.WorkerMetrics(config.storage.data_dir, enabled)
         self.slots = self.metrics.slots
