@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import io
 import json
 import logging
@@ -22,6 +21,7 @@ import pytest
 from keysvc import logs
 from keysvc.keys import base58
 from server import Server, create_root_key, free_port
+from sparse import data_chunks
 
 ACCESS_FIELDS = {"ts", "level", "logger", "msg", "pid", "role", "request_id", "method", "route", "status", "latency_ms"}
 
@@ -110,7 +110,7 @@ def test_no_log_line_of_a_run_holds_a_key_it_used(tmp_path: Path):
     places = {"keysvc serve's output": output}
     for path in data_dir.rglob("*"):
         if path.is_file() and not path.is_symlink():
-            places[str(path.relative_to(data_dir))] = allocated_bytes(path)
+            places[str(path.relative_to(data_dir))] = b"".join(data_chunks(path))
     assert len(places) > 5
     leaks = [(place, f"{secret[:8]}...") for secret in used for place, content in places.items()
              if secret.encode() in content or secret.rpartition("_")[2].encode() in content]
@@ -132,24 +132,6 @@ def test_no_log_line_of_a_run_holds_a_key_it_used(tmp_path: Path):
         assert (line["status"], line["route"]) == (status, route), line
         assert 0 < line["latency_ms"] < 60_000
     assert {line["role"] for line in lines} == {"master", "worker", "flusher"}
-
-
-def allocated_bytes(path: Path) -> bytes:
-    """What a file holds, its holes skipped: the counters' map is a sparse file of gigabytes."""
-    chunks = []
-    with open(path, "rb") as file:
-        fd, end, offset = file.fileno(), os.fstat(file.fileno()).st_size, 0
-        while offset < end:
-            try:
-                offset = os.lseek(fd, offset, os.SEEK_DATA)
-                hole = os.lseek(fd, offset, os.SEEK_HOLE)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data past offset
-                    break
-                return file.read()  # no SEEK_DATA on this file system
-            chunks.append(os.pread(fd, hole - offset, offset))
-            offset = hole
-    return b"".join(chunks)
 
 
 # -- the error paths, in-process ---------------------------------------------------------------------------

@@ -16,7 +16,6 @@ The last test stops the server, to look at the files once more after a clean shu
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import pytest
 
 from keysvc.keys import base58
 from server import Server, create_root_key
+from sparse import data_chunks
 from test_http_errors import FORBIDDEN, assert_error, data_of, everything, sha256_b64
 
 # Every action of the `api` group that a route checks against an API id.
@@ -296,31 +296,6 @@ def needles(plaintexts: list[str]) -> dict[bytes, str]:
         out[body.encode()] = key
         out[body[4:].encode()] = key
     return out
-
-
-def data_chunks(path: Path, size: int = 4 << 20, overlap: int = 0) -> Iterator[bytes]:
-    """The file's bytes in chunks that overlap by `overlap`, skipping holes: LMDB files with writemap are
-    sparse files as large as their map (the counters' 8 GiB), of which only a few pages hold data."""
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        end = os.fstat(fd).st_size
-        offset = 0
-        while offset < end:
-            try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-                stop = os.lseek(fd, start, os.SEEK_HOLE)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data past offset
-                    return
-                start, stop = offset, end  # no SEEK_DATA on this file system: read it all
-            if start >= end:
-                return
-            position = start
-            while position < stop:
-                f.seek(max(start, position - overlap))
-                yield f.read(min(size, stop - position) + (position - max(start, position - overlap)))
-                position += size
-            offset = stop
 
 
 def scan(paths: list[Path], wanted: dict[bytes, str]) -> dict[str, list[str]]:
