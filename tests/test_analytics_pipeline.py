@@ -383,3 +383,28 @@ def test_the_supervisor_restarts_a_flusher_killed_from_outside(tmp_path):
         assert "starting it again" in server.log()
     finally:
         assert server.stop() == 0
+
+
+def thread_nice(pid: int, tid: int) -> int:
+    # /proc/<pid>/task/<tid>/stat: the 19th field, counted after the parenthesized command name.
+    return int(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def test_the_flusher_works_at_nice_19_but_writes_the_spool_at_the_workers_priority(tmp_path):
+    """The flusher (and chDB's threads) run at nice 19, except the one thread that makes its
+    spool write transactions, whose lock the workers share: a nice-19 holder of that lock would
+    keep them waiting for as long as the scheduler keeps it waiting (keysvc/analytics/priority.py)."""
+    data_dir = tmp_path / "data"
+    server = start(data_dir, config_file(tmp_path, **FAST))
+    try:
+        wait_for(lambda: flusher_pids(server), what="the flusher")
+        (pid,) = flusher_pids(server)
+        codes = Traffic(server).verify(20)
+        wait_for(lambda: outcomes(data_dir) == codes, what="the verifications")  # batches landed
+        workers_nice = os.getpriority(os.PRIO_PROCESS, server.process.pid)
+        nice = {int(tid.name): thread_nice(pid, int(tid.name)) for tid in Path(f"/proc/{pid}/task").iterdir()}
+        assert nice[pid] == 19, nice  # the main thread: batches, chDB inserts
+        assert list(nice.values()).count(workers_nice) == 1, nice  # the spool's writer
+        assert sum(value == 19 for value in nice.values()) >= len(nice) - 2, nice  # chDB may raise one of its own
+    finally:
+        assert server.stop() == 0

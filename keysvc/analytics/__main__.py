@@ -21,10 +21,10 @@ os.umask(0o077)
 
 # Background work: the request path wins the CPU. Under full load the flusher gets little of it
 # and events wait in the spool (bounded by its cap); it catches up as soon as the CPU is free.
-try:
-    os.nice(19)  # threads inherit it, chDB's included
-except OSError:
-    pass
+# Except for its writes to the spool, whose lock the workers share (see priority.py).
+from keysvc.analytics import priority  # noqa: E402
+
+priority.start()
 
 
 def _setup_logging(argv: list[str]) -> None:

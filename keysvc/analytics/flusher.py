@@ -3,8 +3,8 @@ by `keysvc serve`) that drains the event spool into ClickHouse and answers the w
 queries.
 
 Exactly once, across crashes: a batch is the spool range [first, last]. Before inserting, the
-flusher marks it in flight (synced to disk); it inserts the verification rows and the ratelimit
-rows each with `insert_deduplication_token = "<spool epoch>:<first>-<last>:<table>"` (the raw tables
+flusher marks it in flight (synced to disk for a ClickHouse server, see Spool.begin_flight); it
+inserts the verification rows and the ratelimit rows each with `insert_deduplication_token = "<spool epoch>:<first>-<last>:<table>"` (the raw tables
 keep a deduplication window, and dependent materialized views deduplicate too); only then does it
 remove the range from the spool (`land`). A flusher that starts and finds a range in flight sends
 exactly that range again, with the same tokens: whatever ClickHouse already had is dropped.
@@ -43,6 +43,7 @@ import msgspec
 
 from keysvc import metrics
 from keysvc.analytics import events, schema
+from keysvc.analytics.priority import holding_shared_locks
 from keysvc.analytics.spool import Spool
 from keysvc.config import Config, from_json, load
 
@@ -186,7 +187,7 @@ class Flusher:
         self.config = config
         self.analytics = config.analytics
         self.data_dir = config.storage.data_dir
-        self.spool = Spool(self.data_dir, self.analytics.spool_map_size)
+        self.spool = holding_shared_locks(Spool, self.data_dir, self.analytics.spool_map_size)
         self.client: Any = None
         self.schema_ready = threading.Event()
         self.stop_requested = False
@@ -222,7 +223,7 @@ class Flusher:
             if self.client is not None:
                 _close(self.client)
             left = self.spool.depth()
-            self.spool.close()
+            holding_shared_locks(self.spool.close)  # it may write the drops it could not count yet
             log.info("stopped%s", f": {left} event(s) stay spooled for the next start" if left else "")
         return 0
 
@@ -343,7 +344,8 @@ class Flusher:
     def enforce_cap(self) -> None:
         """Drop the oldest events past spool_cap_bytes (Spool.enforce_cap counts and logs them)."""
         try:
-            metrics.flusher(self.config).evicted(self.spool.enforce_cap(self.analytics.spool_cap_bytes))
+            evicted = holding_shared_locks(self.spool.enforce_cap, self.analytics.spool_cap_bytes)
+            metrics.flusher(self.config).evicted(evicted)
         except Exception:
             log.exception("enforcing the spool cap failed")
 
@@ -359,17 +361,17 @@ class Flusher:
 
     def flush_batch(self, batch_size: int) -> int | None:
         """Send the oldest batch; returns how many records it held (None if it failed)."""
-        batch = self.spool.read(batch_size)
+        batch = holding_shared_locks(self.spool.read, batch_size)  # it removes corrupt records
         if not batch:
             return 0
         first, last = batch[0][0], batch[-1][0]
-        self.spool.begin_flight(first, last)
+        holding_shared_locks(self.spool.begin_flight, first, last, bool(self.analytics.clickhouse_url))
         self._crash_point("after_flight")
         return len(batch) if self.send(first, last, batch) else None
 
     def resend(self) -> bool:
         first, last = self.spool.inflight()
-        batch = self.spool.range(first, last)
+        batch = holding_shared_locks(self.spool.range, first, last)
         log.info("sending the batch in flight again, with the same deduplication tokens: %d-%d (%d events)",
                  first, last, len(batch))
         return self.send(first, last, batch)
@@ -393,13 +395,14 @@ class Flusher:
             self.failed(f"inserting events {first}-{last} failed", exc)
             return False
         self._crash_point("before_land")
-        self.spool.land(first, last)
+        holding_shared_locks(self.spool.land, first, last)
         metrics.flusher(self.config).landed(len(batch))
         self.succeeded()
         if rows.bad:
             bad = rows.bad
             self.undecodable += len(bad)
-            self.spool.count_dropped(len(bad), f"{len(bad)} spooled event(s) could not be decoded")
+            holding_shared_locks(self.spool.count_dropped, len(bad),
+                                 f"{len(bad)} spooled event(s) could not be decoded")
             log.error("skipped %d spooled event(s) that could not be decoded (sequence numbers %s%s); %d so far",
                       len(bad), ", ".join(map(str, bad[:10])), ", ..." if len(bad) > 10 else "", self.undecodable)
         return True

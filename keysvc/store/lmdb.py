@@ -137,37 +137,41 @@ CHECK_EVERY = 32  # write transactions between two looks at the last page in use
 
 
 class ReservedEnv:
-    """A writemap environment (the counters) whose file has disk blocks allocated ahead of the
-    pages LMDB uses, so that a full disk is a StoreFullError and not a dead process.
+    """A writemap environment (the counters, the analytics spool) whose file has disk blocks
+    allocated ahead of the pages LMDB uses, so that a full disk is a StoreFullError and not a dead
+    process.
 
     With writemap, LMDB stores pages through a shared mapping of a sparse file. When the file
     system cannot back a page on first write (a full disk), the kernel kills the process with
     SIGBUS: no error code, no exception, and Granian's respawned worker dies the same way at its
-    next new page. So before each write transaction, the blocks of the next RESERVE_PAGES pages
+    next new page. So before each write transaction, the blocks of the next `reserve_pages` pages
     past the last page in use are allocated (posix_fallocate, up to twice that at once). When the
     disk cannot give them, writes go on within what is still reserved (charges of existing keys
     mostly reuse freed pages and need none), and are refused with StoreFullError once less than
-    MIN_RESERVE_PAGES is left. Everything else is the wrapped environment's own."""
+    `min_reserve_pages` is left. Everything else is the wrapped environment's own."""
 
-    __slots__ = ("env", "where", "_info", "_fd", "_psize", "_map_size", "_allocated", "_last_ok", "_retry_at",
-                 "_writes")
+    __slots__ = ("env", "where", "reserve_pages", "min_reserve_pages", "_info", "_fd", "_psize", "_map_size",
+                 "_allocated", "_last_ok", "_retry_at", "_writes")
 
-    def __init__(self, env: lmdb.Environment, data_file: Path, where: str) -> None:
+    def __init__(self, env: lmdb.Environment, data_file: Path, where: str, reserve_pages: int = RESERVE_PAGES,
+                 min_reserve_pages: int = MIN_RESERVE_PAGES) -> None:
         self.env = env
         self.where = where
+        self.reserve_pages = reserve_pages
+        self.min_reserve_pages = min_reserve_pages
         self._info = env.info
         self._fd = os.open(data_file, os.O_RDWR | os.O_CLOEXEC)
         self._psize = env.stat()["psize"]
         self._map_size = env.info()["map_size"]
         self._allocated = 0  # bytes from the file's start known to have blocks, in this process
-        self._last_ok = -1  # the highest last page in use that leaves RESERVE_PAGES allocated
+        self._last_ok = -1  # the highest last page in use that leaves reserve_pages allocated
         self._retry_at = 0.0  # time.monotonic() before which a full disk is not asked again
         self._writes = CHECK_EVERY  # the first write transaction looks
 
     def begin(self, db: Any = None, parent: Any = None, write: bool = False, buffers: bool = False) -> Any:
         # The hot path's cost: a count, and one mdb_env_info (a dict, ~1 us) every CHECK_EVERY
         # write transactions; between two looks a few dozen transactions cannot use up a reserve
-        # of RESERVE_PAGES, nor on a full disk the MIN_RESERVE_PAGES left.
+        # of reserve_pages, nor on a full disk the min_reserve_pages left.
         if write:
             self._writes += 1
             if self._writes >= CHECK_EVERY:
@@ -176,19 +180,23 @@ class ReservedEnv:
                     self.reserve()
         return self.env.begin(db, parent, write, buffers)
 
-    def reserve(self, pages: int = RESERVE_PAGES) -> None:
-        """Make sure the next `pages` pages past the last one in use have disk blocks; raises
-        StoreFullError if the disk cannot give MIN_RESERVE_PAGES of them. On a full disk, the
-        whole reserve is asked for again at most every RETRY_FULL_DISK seconds."""
+    def reserve(self, pages: int | None = None) -> None:
+        """Make sure the next `pages` (default: reserve_pages) pages past the last one in use have
+        disk blocks; raises StoreFullError if the disk cannot give min_reserve_pages of them. On a
+        full disk, the whole reserve is asked for again at most every RETRY_FULL_DISK seconds."""
+        pages = self.reserve_pages if pages is None else pages
         used = (self._info()["last_pgno"] + 1) * self._psize
         if used + pages * self._psize <= self._allocated:
             return
-        needed = min(self._map_size, used + min(pages, MIN_RESERVE_PAGES) * self._psize)
+        needed = min(self._map_size, used + min(pages, self.min_reserve_pages) * self._psize)
         if time.monotonic() >= self._retry_at:
             if self._fallocate(min(self._map_size, used + 2 * pages * self._psize)):
                 return
             self._retry_at = time.monotonic() + RETRY_FULL_DISK
-        # The disk is full: go on within what is reserved, down to the minimum.
+        # The disk is full: go on within what is reserved, down to the minimum, and look before
+        # every write transaction until the whole reserve is back: CHECK_EVERY of them could use
+        # up the minimum, and one page past it is a SIGBUS.
+        self._writes = CHECK_EVERY
         if not self._fallocate(needed):
             raise StoreFullError(f"the disk holding {self.where} is full; nothing was written")
 
@@ -206,7 +214,7 @@ class ReservedEnv:
             # No way to reserve on this file system (EOPNOTSUPP, EINVAL, ...): as plain LMDB.
             end = self._map_size
         self._allocated = end
-        self._last_ok = end // self._psize - RESERVE_PAGES - 1 if end < self._map_size else 1 << 62
+        self._last_ok = end // self._psize - self.reserve_pages - 1 if end < self._map_size else 1 << 62
         return True
 
     def close(self) -> None:
