@@ -200,14 +200,30 @@ _encode = _encoder.encode
 _encode_lines = _encoder.encode_lines
 
 
+def _json_head(created: float, level: str, logger: str, msg: str, pid: int | None) -> dict[str, Any]:
+    return {"ts": _iso(created), "level": level.lower(), "logger": logger, "msg": redact(msg), "pid": pid,
+            "role": settings.role}
+
+
+def _human_head(created: float, level: str, logger: str, msg: str, pid: int | None) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
+    return f"{stamp}.{int(created % 1 * 1000):03d} {level.upper():<7} {settings.role}[{pid}] {logger}: {redact(msg)}"
+
+
+def line(level: str, logger: str, msg: str) -> str:
+    """One record in this process's log format, without a newline, made without the logging
+    module: for a thread of a process that Granian forks (keysvc serve's flusher supervisor),
+    which must not hold a handler's lock when the fork happens."""
+    if settings.json:
+        return _encode(_json_head(time.time(), level, logger, msg, os.getpid())).decode()
+    return _human_head(time.time(), level, logger, msg, os.getpid())
+
+
 class JsonFormatter(logging.Formatter):
     """{"ts", "level", "logger", "msg", "pid", "role", and "exc" and `extra` fields if any}."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": _iso(record.created), "level": record.levelname.lower(), "logger": record.name,
-            "msg": redact(record.getMessage()), "pid": record.process, "role": settings.role,
-        }
+        line = _json_head(record.created, record.levelname, record.name, record.getMessage(), record.process)
         for name, value in record.__dict__.items():
             if name not in _RESERVED and not name.startswith("_"):
                 line[name] = value if value is None or isinstance(value, (bool, int, float)) else redact(str(value))
@@ -222,9 +238,7 @@ class HumanFormatter(logging.Formatter):
     """`2024-05-01 12:00:00.123 INFO  worker[1234] keysvc.http: message`, local time."""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
-        text = (f"{stamp}.{int(record.created % 1 * 1000):03d} {record.levelname:<7} {settings.role}[{record.process}] "
-                f"{record.name}: {redact(record.getMessage())}")
+        text = _human_head(record.created, record.levelname, record.name, record.getMessage(), record.process)
         extra = {name: value for name, value in record.__dict__.items()
                  if name not in _RESERVED and not name.startswith("_")}
         exc = extra.pop("exc", None)

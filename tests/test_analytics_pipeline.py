@@ -380,7 +380,10 @@ def test_the_supervisor_restarts_a_flusher_killed_from_outside(tmp_path):
         wait_for(lambda: flusher_pids(server) and pid not in flusher_pids(server), what="a new flusher")
         codes = Traffic(server).verify(40)
         wait_for(lambda: outcomes(data_dir) == codes, what="the verifications")
-        assert "starting it again" in server.log()
+        # In the node's log format (JSON, off a terminal), as serve's own lines.
+        (said,) = [json.loads(line) for line in server.log().splitlines() if "starting it again" in line]
+        assert (said["level"], said["logger"], said["role"]) == ("warning", "keysvc.analytics", "master"), said
+        assert f"flusher (pid {pid}) exited with {-signal.SIGKILL}" in said["msg"], said
     finally:
         assert server.stop() == 0
 

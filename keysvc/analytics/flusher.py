@@ -41,7 +41,7 @@ from typing import Any
 
 import msgspec
 
-from keysvc import metrics
+from keysvc import logs, metrics
 from keysvc.analytics import events, schema
 from keysvc.analytics.priority import holding_shared_locks
 from keysvc.analytics.spool import Spool
@@ -730,8 +730,8 @@ class Supervisor:
                 return
             if time.monotonic() - self.started_at >= self.STABLE_AFTER:
                 delay = self.RESTART_FIRST
-            _say(f"keysvc: the analytics flusher (pid {process.pid}) exited with {code}; "
-                 f"starting it again in {delay:.1f} s\n")
+            _say("warning", f"the analytics flusher (pid {process.pid}) exited with {code}; "
+                            f"starting it again in {delay:.1f} s")
             if self.stopped.wait(delay):
                 return
             delay = min(self.RESTART_CAP, delay * 2)
@@ -742,7 +742,7 @@ class Supervisor:
                     self._spawn()
                     self.restarts += 1
                 except OSError as exc:
-                    _say(f"keysvc: cannot start the analytics flusher: {exc}\n")
+                    _say("error", f"cannot start the analytics flusher: {exc}")
                     self.process = process  # wait() again returns at once: retried after the delay
 
     def stop(self, timeout: float) -> int | None:
@@ -760,7 +760,7 @@ class Supervisor:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
-                _say(f"keysvc: the analytics flusher did not stop within {timeout:.0f} s: killing it\n")
+                _say("warning", f"the analytics flusher did not stop within {timeout:.0f} s: killing it")
                 process.kill()
                 process.wait()
         self.thread.join(5)
@@ -782,8 +782,8 @@ def _wait_for_sigterm_handler(process: subprocess.Popen, timeout: float) -> None
         time.sleep(0.01)
 
 
-def _say(text: str) -> None:
+def _say(level: str, text: str) -> None:
     try:
-        os.write(2, text.encode())
+        os.write(2, (logs.line(level, "keysvc.analytics", text) + "\n").encode())
     except OSError:
         pass
