@@ -408,6 +408,7 @@ def test_the_flusher_works_at_nice_19_but_writes_the_spool_at_the_workers_priori
         nice = {int(tid.name): thread_nice(pid, int(tid.name)) for tid in Path(f"/proc/{pid}/task").iterdir()}
         assert nice[pid] == 19, nice  # the main thread: batches, chDB inserts
         assert list(nice.values()).count(workers_nice) == 1, nice  # the spool's writer
-        assert sum(value == 19 for value in nice.values()) >= len(nice) - 2, nice  # chDB may raise one of its own
+        # The rest at 19, but for chDB's MemoryWorker threads, which raise themselves (root may).
+        assert all(value == 19 or value < 0 for tid, value in nice.items() if value != workers_nice), nice
     finally:
         assert server.stop() == 0
