@@ -667,6 +667,14 @@ def key_after_sequence_numbers(spool: Spool) -> int:
     return 1
 
 
+@corruption
+def inflight_mark(spool: Spool) -> int:
+    # Not a range of two sequence numbers: the flusher removes it and sends what is spooled.
+    with spool.env.begin(write=True, db=spool.meta) as txn:
+        assert txn.put(b"inflight", b"\x00\x01garbage")
+    return 0
+
+
 @pytest.mark.parametrize("corrupt", list(CORRUPTIONS))
 def test_a_corrupted_spool_record_is_skipped_counted_and_logged(tmp_path: Path, corrupt: str):
     data_dir = tmp_path / "data"

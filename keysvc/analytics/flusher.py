@@ -211,6 +211,11 @@ class Flusher:
         self.stop_requested = True  # only a flag: the loops look at it at least every POLL seconds
 
     def run(self) -> int:
+        corrupt = holding_shared_locks(self.spool.drop_corrupt_mark)
+        if corrupt is not None:
+            log.error("removed the spool's in-flight mark, which is not a sequence number range (%s): the spool is "
+                      "corrupted; the batch it named, if ClickHouse took it before the flusher stopped, is sent again "
+                      "under new deduplication tokens and may be counted twice", corrupt[:32].hex())
         try:
             self.queries.start()
         except OSError as exc:  # flushing matters more: go on without answering queries

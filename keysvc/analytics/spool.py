@@ -37,6 +37,13 @@ _INFLIGHT = b"inflight"
 _EPOCH = b"epoch"
 
 
+def _flight_range(raw: bytes | None) -> tuple[int, int] | None:
+    if raw is None or len(raw) != 2 * _SEQ.size:
+        return None
+    first, last = _SEQ.unpack(raw[:8])[0], _SEQ.unpack(raw[8:])[0]
+    return (first, last) if first <= last else None
+
+
 class Spool:
     def __init__(self, data_dir: str, map_size: int) -> None:
         path = Path(data_dir) / "spool"
@@ -144,10 +151,20 @@ class Spool:
         return [(seq, value) for seq, value in self.read(last - first + 1, first) if seq <= last]
 
     def inflight(self) -> tuple[int, int] | None:
-        """The batch being written to ClickHouse when the flusher last stopped, if any."""
+        """The batch being written to ClickHouse when the flusher last stopped, if any. A mark
+        that is no range of sequence numbers (a corrupted spool) counts as none: see
+        drop_corrupt_mark."""
         with self.env.begin(db=self.meta) as txn:
+            return _flight_range(txn.get(_INFLIGHT))
+
+    def drop_corrupt_mark(self) -> bytes | None:
+        """Remove an in-flight mark that is no range of sequence numbers; returns it, if there was one."""
+        with self.env.begin(write=True, db=self.meta) as txn:
             raw = txn.get(_INFLIGHT)
-        return None if raw is None else (_SEQ.unpack(raw[:8])[0], _SEQ.unpack(raw[8:])[0])
+            if raw is None or _flight_range(raw) is not None:
+                return None
+            txn.delete(_INFLIGHT)
+            return raw
 
     def begin_flight(self, first: int, last: int, durable: bool) -> None:
         """Mark [first, last] in flight; `durable`: on disk before this returns, so that even an OS
