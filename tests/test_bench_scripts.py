@@ -1,8 +1,9 @@
-"""bench/soak.py and bench/timing.py, run as bench/README.md says but with short settings, as subprocesses:
-each must run to its end, print its tables and verdict, and exit 0. timing.py's exit code is SECURITY.md's
-timing claim (over HTTP, the median verification of an unknown key within 2x of a VALID one's); soak.py's is
-"no errors" (its RSS and p99 verdicts are printed, and judged only by the full run, bench/README.md). Also the
-soak's RSS verdict itself, on made-up samples: a leak is caught, a cache that levels off is not."""
+"""bench/soak.py, bench/timing.py and bench/app.py, run as bench/README.md says but with short settings, as
+subprocesses: each must run to its end, print its tables and verdict, and exit 0. timing.py's exit code is
+SECURITY.md's timing claim (over HTTP, the median verification of an unknown key within 2x of a VALID one's);
+soak.py's is "no errors" (its RSS and p99 verdicts are printed, and judged only by the full run,
+bench/README.md). Also the soak's RSS verdict itself, on made-up samples: a leak is caught, a cache that levels
+off is not."""
 from __future__ import annotations
 
 import importlib.util
@@ -74,6 +75,16 @@ def test_timing_runs_short_and_meets_its_target() -> None:
     not_found_sizes = {row[2] for row in http if row[1] == "NOT_FOUND"}
     assert len(not_found_sizes) == 1, "every NOT_FOUND answer has the same size"
     assert text.count("| PASS |") == 2, text
+
+
+def test_app_bench_runs_short_and_times_every_workload() -> None:
+    out = run("app.py", "--rounds", "1", "--requests", "160", timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = table_rows(out.stdout, r"keysvc, analytics off|keysvc, analytics on \(spooling only\)|raw ASGI app.*")
+    assert len(rows) == 3, out.stdout
+    for row in rows:
+        assert float(row[1]) > 0, row
+    assert "Task was destroyed" not in out.stdout + out.stderr, out.stderr  # the apps' lifespans end
 
 
 # -- the soak's RSS verdict, on made-up samples ----------------------------------------------------------
