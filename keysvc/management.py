@@ -668,22 +668,17 @@ class Management:
             for record in records:
                 # Again inside the write transaction: another writer may have come in between.
                 _check_restorable(w, record)
-                if isinstance(record, r.Key):
-                    w.put_key(record)
-                elif isinstance(record, r.Api):
-                    w.put_api(record)
-                elif isinstance(record, r.Identity):
-                    w.put_identity(record)
-                elif isinstance(record, r.Permission):
-                    w.put_permission(record)
-                elif isinstance(record, r.Role):
-                    w.put_role(record)
-                elif isinstance(record, r.Namespace):
-                    w.put_namespace(record)
-                elif isinstance(record, r.Override):
-                    w.put_override(record)
-                else:
+                put = _RESTORE_PUT.get(type(record))
+                if put is None:
                     raise BadRequest(f"a {type(record).__name__} is not a record that can be restored")
+                getattr(w, put)(record)
+
+
+# The write transaction's method that stores each kind of record restore() takes.
+_RESTORE_PUT: dict[type, str] = {
+    r.Key: "put_key", r.Api: "put_api", r.Identity: "put_identity", r.Permission: "put_permission",
+    r.Role: "put_role", r.Namespace: "put_namespace", r.Override: "put_override",
+}
 
 
 def _check_restorable(reader: ReadTxn, record: msgspec.Struct) -> None:
