@@ -58,7 +58,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import bench_http
+from machine import bench_http, remove_unless_kept, run_script
 
 bh = bench_http()  # bench/http.py's helpers
 
@@ -658,15 +658,8 @@ def main() -> int:
         return 0
     finally:
         stop_all(servers, flusher_pids)
-        if args.keep:
-            print(f"\nkept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_unless_kept(tmp, args.keep)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench/analytics.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, (BenchError,))

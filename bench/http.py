@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import REPO, cpu_model, keysvc_revision, version
+from machine import REPO, cpu_model, keysvc_revision, remove_unless_kept, run_script, version
 
 PYTHON = sys.executable
 GRANIAN = str(Path(PYTHON).parent / "granian")
@@ -425,15 +425,8 @@ def main() -> int:
     finally:
         for server in servers.values():
             server.stop()
-        if args.keep:
-            print(f"\nkept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_unless_kept(tmp, args.keep)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench/http.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, (BenchError,))

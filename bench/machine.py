@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
+from typing import NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,3 +52,20 @@ def keysvc_revision() -> str:
         return rev + (" (keysvc/ has uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def remove_unless_kept(tmp: Path, keep: bool) -> None:
+    """A bench's temporary dir at its end: removed, or with --keep kept and named on stderr."""
+    if keep:
+        print(f"\nkept {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_script(main: Callable[[], int], errors: tuple[type[BaseException], ...]) -> NoReturn:
+    """sys.exit(main()); a failure of the bench itself (one of `errors`) is one line on stderr and exit 2."""
+    try:
+        sys.exit(main())
+    except errors as exc:
+        print(f"bench/{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -63,7 +63,7 @@ from pathlib import Path
 from time import perf_counter
 from urllib.parse import urlsplit
 
-from machine import bench_http, cpu_model, keysvc_revision, version
+from machine import bench_http, cpu_model, keysvc_revision, remove_unless_kept, run_script, version
 bh = bench_http()  # bench/http.py's helpers
 
 
@@ -639,15 +639,8 @@ def main() -> int:
     finally:
         if server is not None:
             server.stop()
-        if args.keep:
-            print(f"\nkept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_unless_kept(tmp, args.keep)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BenchError, bh.BenchError) as exc:
-        print(f"bench/soak.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, (BenchError, bh.BenchError))
