@@ -280,12 +280,36 @@ def _version_1() -> list[str]:
     return _raw_tables() + _verification_rollups() + _ratelimit_rollups() + _raw_aliases()
 
 
+MERGE_SELECTOR_BASE = 10
+MERGE_TREE_TABLES = (VERIFICATIONS_TABLE, RATELIMITS_TABLE, VERIFICATION_ROLLUPS, RATELIMIT_ROLLUPS)
+
+
+def _merge_less(client: Any) -> list[str]:
+    """Version 2: fewer, larger merges. The tables grow by one small part per insert (a batch), and
+    ClickHouse's default merge_selector_base (5) rewrote each row about 3.4 times in a loaded
+    minute; at 10, half the rows merged and ~10% less of the flusher's CPU (bench/README.md). A
+    ClickHouse server that does not know the setting keeps its default."""
+    known = client.command("SELECT count() FROM system.merge_tree_settings WHERE name = 'merge_selector_base'")
+    if not int(known):
+        return []
+    return [f"ALTER TABLE {table} MODIFY SETTING merge_selector_base = {MERGE_SELECTOR_BASE}"
+            for table in MERGE_TREE_TABLES]
+
+
 # (version, statements): append only. Each statement must be safe to run again (a start-up that
-# died half-way through a migration runs it again).
-MIGRATIONS: list[tuple[int, list[str]]] = [
+# died half-way through a migration runs it again); a callable gives its statements when the
+# migration runs, from what the ClickHouse it is given knows.
+Statements = list[str] | Callable[[Any], list[str]]
+MIGRATIONS: list[tuple[int, Statements]] = [
     (1, _version_1()),
+    (2, _merge_less),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def statements_of(statements: Statements, client: Any) -> list[str]:
+    """A migration's SQL, for this client's ClickHouse (`client.command(sql)` answers a scalar)."""
+    return statements(client) if callable(statements) else statements
 
 
 def current_version(client: Any) -> int:
@@ -306,7 +330,7 @@ def migrate(client: Any, before: Callable[[], None] = lambda: None) -> int:
     for version, statements in MIGRATIONS:
         if version <= found:
             continue
-        for statement in statements:
+        for statement in statements_of(statements, client):
             client.command(statement)
         client.command(f"INSERT INTO {VERSIONS_TABLE} (version) VALUES ({int(version)})")
         log.info("analytics schema migrated to version %d", version)
