@@ -4,8 +4,9 @@ queries.
 
 Exactly once, across crashes: a batch is the spool range [first, last]. Before inserting, the
 flusher marks it in flight (synced to disk for a ClickHouse server, see Spool.begin_flight); it
-inserts the verification rows and the ratelimit rows each with `insert_deduplication_token = "<spool epoch>:<first>-<last>:<table>"` (the raw tables
-keep a deduplication window, and dependent materialized views deduplicate too); only then does it
+inserts the verification rows and the ratelimit rows each with
+`insert_deduplication_token = "<spool epoch>:<first>-<last>:<table>"` (the raw tables keep a
+deduplication window, and dependent materialized views deduplicate too); only then does it
 remove the range from the spool (`land`). A flusher that starts and finds a range in flight sends
 exactly that range again, with the same tokens: whatever ClickHouse already had is dropped.
 
