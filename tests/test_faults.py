@@ -140,14 +140,21 @@ def top_up(path: Path) -> None:
 
 
 def ballast(mount: Path, leave: int) -> Path:
-    """A file filling the file system at `mount` but for about `leave` bytes."""
+    """A file filling the file system at `mount` but for about `leave` bytes, or all of it: the
+    server writes meanwhile (its spool's disk reserve, chDB's merges), and a disk that fills up
+    before the ballast is whole is full as wanted."""
     stat = os.statvfs(mount)
     size = stat.f_bavail * stat.f_frsize - leave
     path = mount / "ballast"
-    with open(path, "wb") as out:
+    with open(path, "wb", buffering=0) as out:  # unbuffered: nothing left to fail again at close
         chunk = b"\xa5" * MiB
         while size > 0:
-            size -= out.write(chunk[:min(size, len(chunk))])
+            try:
+                size -= out.write(chunk[:min(size, len(chunk))])
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
     return path
 
 
