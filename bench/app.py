@@ -40,9 +40,6 @@ from typing import Any
 import machine
 import raw_asgi
 
-REPO = machine.REPO
-sys.path.insert(0, str(REPO))
-
 
 class Call:
     """One verifyKey request as ASGI: its scope, a receive that hands over the body, a send that keeps the answer."""
