@@ -409,6 +409,6 @@ def test_the_flusher_works_at_nice_19_but_writes_the_spool_at_the_workers_priori
         assert nice[pid] == 19, nice  # the main thread: batches, chDB inserts
         assert list(nice.values()).count(workers_nice) == 1, nice  # the spool's writer
         # The rest at 19, but for chDB's MemoryWorker threads, which raise themselves (root may).
-        assert all(value == 19 or value < 0 for tid, value in nice.items() if value != workers_nice), nice
+        assert all(value == 19 or value < 0 for value in nice.values() if value != workers_nice), nice
     finally:
         assert server.stop() == 0
