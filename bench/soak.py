@@ -22,15 +22,19 @@
    table shows how late the generator was at worst. Every answer must be 200 with `"valid":true`; anything
    else, a dropped connection, or a request still unanswered at the end, is an error.
 4. Every --interval seconds, one row: requests answered and errors in the interval, the achieved rate, p50/p99/max
-   latency of the interval, the generator's backlog and own CPU, the load average, and the RSS of every process
+   latency of the interval, the p99 of the time the app itself took (from the workers' latency histogram, when
+   the soak started the server), the generator's backlog and own CPU, the load average, and the RSS of every process
    of the node (found by walking /proc from the `keysvc serve` process: serve, each worker, the flusher).
 5. At the end: credits spent must equal the VALID answers counted (the server really verified), and a verdict,
    on the rows after the first --warmup seconds of load: the anonymous RSS (heap and stacks, where a leak
    lives) of each process flat. Its floor (the minimum of each sixth of the samples after the warm-up, under
    the sawtooth of the flusher's batches) may rise by at most 32 MiB or 20% from the first sixth to the last,
    and by at most 4 MiB over the last half: a leak keeps raising it to the end, a warm-up (caches) stops. Total RSS is shown beside it: it also counts the file-backed pages of the LMDB maps and chDB's files,
-   which grow as they are touched, up to the files' sizes. Then p99 stable (the largest interval p99 at most 3x
-   the median interval p99), and zero errors.
+   which grow as they are touched, up to the files' sizes. Then p99 stable: no drift, the median interval p99
+   of the last third of the rows at most 1.5x that of the first third (a server that degrades, from a growing
+   cache, table or backlog, drifts up; the largest interval p99 over the median one is printed beside it, but
+   not judged: on a shared VM a stall of the whole machine, which the generator's own lag shows too, sets it).
+   And zero errors.
 
 Exit 0 if there were no errors, 1 if there were (or, with --strict, if a verdict failed), 2 if the bench broke.
 """
@@ -50,6 +54,7 @@ import argparse
 import asyncio
 import collections
 import json
+import math
 import platform
 import resource
 import shlex
@@ -75,7 +80,8 @@ UNANSWERED_GRACE = 10.0  # seconds a request may stay in flight after the load s
 RSS_GROWTH_PCT = 20.0
 RSS_GROWTH_MIB = 32.0
 RSS_LATE_GROWTH_MIB = 4.0
-P99_STABILITY = 3.0
+# p99 stable: the median interval p99 of the last third of the run at most this times the first third's.
+P99_DRIFT = 1.5
 
 
 class BenchError(Exception):
@@ -360,6 +366,10 @@ class Generator:
 # -- the report ----------------------------------------------------------------------------------------
 
 
+def app_p99_cell(ms: float) -> str:
+    return "-" if math.isnan(ms) else f"<= {fmt_ms(ms)}"
+
+
 def fmt_ms(ms: float) -> str:
     if ms != ms:  # nan
         return "-"
@@ -381,6 +391,14 @@ def floors(values: list[float]) -> list[float]:
     process that allocates and frees in batches (the flusher), which a leak raises and a sawtooth does not."""
     count = min(WINDOWS, len(values))
     return [min(values[i * len(values) // count:(i + 1) * len(values) // count]) for i in range(count)]
+
+
+def p99_thirds(p99s: list[float]) -> tuple[float, float]:
+    """The median interval p99 of the first and of the last third of the rows (all of them for fewer than 3)."""
+    if not p99s:
+        return float("nan"), float("nan")
+    third = max(1, len(p99s) // 3)
+    return statistics.median(p99s[:third]), statistics.median(p99s[-third:])
 
 
 def rss_verdict(samples: list[tuple[float, dict[str, dict[str, int]]]], warmup: float
@@ -416,8 +434,43 @@ def rss_verdict(samples: list[tuple[float, dict[str, dict[str, int]]]], warmup: 
     return lines, ok
 
 
+class AppLatency:
+    """keys.verifyKey's time inside the app, per row, from the workers' own histogram
+    (keysvc_verify_duration_seconds, read from the metrics files under the data dir): the upper bound
+    of the bucket that holds the row's 99th percentile. The app's clock starts when Granian hands it the
+    request and stops at the answer, so it holds a wait for the counters' lock or for a batch, but not time
+    queued before the app (in the kernel, in Granian, behind a busy event loop) nor the generator's own
+    delays: a generator p99 far above it was spent outside the app's code."""
+
+    PREFIX = "keysvc_verify_duration_seconds_bucket{"
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.last = self.read()
+
+    def read(self) -> dict[float, float]:
+        from keysvc import metrics
+
+        buckets: dict[float, float] = {}
+        for line in metrics.render(str(self.data_dir)).decode().splitlines():
+            if line.startswith(self.PREFIX):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets[float(le)] = float(line.rsplit(" ", 1)[1])
+        return buckets
+
+    def p99_ms(self) -> float:
+        """The bucket bound for the answers since the last call (nan if none)."""
+        now, before = self.read(), self.last
+        self.last = now
+        cumulative = sorted((le, count - before.get(le, 0.0)) for le, count in now.items())
+        total = cumulative[-1][1] if cumulative else 0.0  # the +Inf bucket
+        if total <= 0:
+            return float("nan")
+        return next(le for le, count in cumulative if count >= 0.99 * total) * 1000
+
+
 async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, rate: float,
-               procs: Processes) -> tuple[Generator, list[dict], list[tuple[float, dict]]]:
+               procs: Processes, app: AppLatency | None) -> tuple[Generator, list[dict], list[tuple[float, dict]]]:
     try:
         import uvloop
 
@@ -429,14 +482,15 @@ async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, r
     rows: list[dict] = []
     samples: list[tuple[float, dict]] = []
     labels = list(procs.sample()) if procs.root is not None else []
-    head = ["t (s)", "answered", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "backlog", "gen lag ms", "gen CPU",
-            "load", *[f"{label} MiB" for label in labels]]
+    head = ["t (s)", "answered", "req/s", "p50 ms", "p99 ms", "max ms", "app p99 ms", "errors", "backlog",
+            "gen lag ms", "gen CPU", "load", *[f"{label} MiB" for label in labels]]
     # every process's RSS and, after the slash, its anonymous part
     print(f"open loop on {loop_name}: {rate:,.0f} req/s over {args.connections} connections, "
           f"{args.duration:g} s, a row every {args.interval:g} s; latency: ms from the request's sending (from "
           f"when it was due if it had to wait for a free connection); backlog: due requests waiting for a "
-          f"connection at the end of the row; gen lag: how late the generator sent a request at worst (its tick "
-          f"is 1 ms); per process: RSS/anonymous RSS in MiB (VmRSS/RssAnon)")
+          f"connection at the end of the row; app p99: at most this long inside the app, from the workers' "
+          f"histogram (its bucket bounds: 1, 2.5, 5, 10, 25, 50, 100, 250 ms ...); gen lag: how late the "
+          f"generator sent a request at worst (its tick is 1 ms); per process: RSS/anonymous RSS in MiB (VmRSS/RssAnon)")
     print()
     print("| " + " | ".join(head) + " |")
     print("| " + " | ".join("---:" for _ in head) + " |")
@@ -454,13 +508,15 @@ async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, r
         record = {"t": elapsed, "answered": len(lat), "rate": len(lat) / span, "p50": lat.percentile(0.5),
                   "p99": lat.percentile(0.99), "max": lat.max, "errors": done.errors,
                   "kinds": dict(done.error_kinds), "backlog": len(gen.backlog), "cpu": cpu / span,
-                  "load": os.getloadavg()[0], "rss": sample}
+                  "load": os.getloadavg()[0], "rss": sample,
+                  "app_p99": app.p99_ms() if app is not None else float("nan")}
         rows.append(record)
         for label in sample:
             if label not in labels:
                 labels.append(label)
         cells = [f"{elapsed:.0f}", f"{len(lat):,}", f"{record['rate']:,.0f}", fmt_ms(record["p50"]),
-                 fmt_ms(record["p99"]), fmt_ms(record["max"]), str(done.errors), str(record["backlog"]),
+                 fmt_ms(record["p99"]), fmt_ms(record["max"]), app_p99_cell(record["app_p99"]),
+                 str(done.errors), str(record["backlog"]),
                  fmt_ms(done.lag * 1000), f"{record['cpu']:.0%}", f"{record['load']:.2f}",
                  *[mib(record["rss"].get(label)) for label in labels]]
         print("| " + " | ".join(cells) + " |", flush=True)
@@ -581,7 +637,8 @@ def main() -> int:
             runner = uvloop.run
         except ImportError:  # pragma: no cover
             runner = asyncio.run
-        gen, rows, samples = runner(soak(args, host, port, request, rate, procs))
+        app = AppLatency(data_dir) if server is not None else None
+        gen, rows, samples = runner(soak(args, host, port, request, rate, procs, app))
         if server is not None and (server.process is None or server.process.poll() is not None):
             raise BenchError(f"keysvc serve died during the soak:\n{server.log()}")
 
@@ -595,7 +652,9 @@ def main() -> int:
         after = [r for r in rows if r["t"] >= min(args.warmup, args.duration)] or rows
         p99s = [r["p99"] for r in after if r["p99"] == r["p99"]]
         p99_ratio = max(p99s) / statistics.median(p99s) if p99s else float("nan")
-        p99_ok = p99_ratio <= P99_STABILITY
+        first_p99, last_p99 = p99_thirds(p99s)
+        p99_drift = last_p99 / first_p99 if first_p99 > 0 else float("nan")
+        p99_ok = p99_drift <= P99_DRIFT
         all_lat_p50 = statistics.median([r["p50"] for r in after if r["p50"] == r["p50"]] or [float("nan")])
         answered = sum(r["answered"] for r in rows)
         elapsed = rows[-1]["t"] if rows else args.duration
@@ -622,9 +681,10 @@ def main() -> int:
             print(f"| anonymous RSS flat, every process | see above | floor growth <= {RSS_GROWTH_MIB:g} MiB or "
                   f"{RSS_GROWTH_PCT:g}%, <= {RSS_LATE_GROWTH_MIB:g} MiB over the last half | "
                   f"{'PASS' if rss_ok else 'FAIL'} |")
-        print(f"| p99 stable: max interval p99 / median interval p99 | {max(p99s) if p99s else float('nan'):.2f} / "
-              f"{statistics.median(p99s) if p99s else float('nan'):.2f} ms = {p99_ratio:.2f} | <= {P99_STABILITY:g} | "
-              f"{'PASS' if p99_ok else 'FAIL'} |")
+        print(f"| p99 stable: median interval p99, last third / first third | {last_p99:.2f} / {first_p99:.2f} ms "
+              f"= {p99_drift:.2f} | <= {P99_DRIFT:g} | {'PASS' if p99_ok else 'FAIL'} |")
+        print(f"| p99 spikes: max interval p99 / median interval p99 | {max(p99s) if p99s else float('nan'):.2f} / "
+              f"{statistics.median(p99s) if p99s else float('nan'):.2f} ms = {p99_ratio:.2f} | (shown, not judged) | |")
         print(f"| errors (non-200, not VALID, dropped, unanswered) | {gen.errors_total} | 0 | "
               f"{'PASS' if gen.errors_total == 0 else 'FAIL'} |")
         print(f"| credits spent = VALID answers | {spent:,} / {expected:,} | equal | "
