@@ -29,8 +29,9 @@
    on the rows after the first --warmup seconds of load: the anonymous RSS (heap and stacks, where a leak
    lives) of each process flat. Its floor (the minimum of each sixth of the samples after the warm-up, under
    the sawtooth of the flusher's batches) may rise by at most 32 MiB or 20% from the first sixth to the last,
-   and by at most 4 MiB over the last half: a leak keeps raising it to the end, a warm-up (caches) stops. Total RSS is shown beside it: it also counts the file-backed pages of the LMDB maps and chDB's files,
-   which grow as they are touched, up to the files' sizes. Then p99 stable: no drift, the median interval p99
+   and by at most 4 MiB over the last half: a leak keeps raising it to the end, a warm-up (caches) stops. Total
+   RSS is shown beside it: it also counts the file-backed pages of the LMDB maps and chDB's files, which grow as
+   they are touched, up to the files' sizes. Then p99 stable: no drift, the median interval p99
    of the last third of the rows at most 1.5x that of the first third (a server that degrades, from a growing
    cache, table or backlog, drifts up; the largest interval p99 over the median one is printed beside it, but
    not judged: on a shared VM a stall of the whole machine, which the generator's own lag shows too, sets it).
@@ -490,7 +491,8 @@ async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, r
           f"when it was due if it had to wait for a free connection); backlog: due requests waiting for a "
           f"connection at the end of the row; app p99: at most this long inside the app, from the workers' "
           f"histogram (its bucket bounds: 1, 2.5, 5, 10, 25, 50, 100, 250 ms ...); gen lag: how late the "
-          f"generator sent a request at worst (its tick is 1 ms); per process: RSS/anonymous RSS in MiB (VmRSS/RssAnon)")
+          f"generator sent a request at worst (its tick is 1 ms); per process: RSS/anonymous RSS in MiB "
+          f"(VmRSS/RssAnon)")
     print()
     print("| " + " | ".join(head) + " |")
     print("| " + " | ".join("---:" for _ in head) + " |")

@@ -426,14 +426,11 @@ class Flusher:
         """The slow path: decoded events, converted by clickhouse-connect. Returns the sequence
         numbers of the records it could not decode."""
         verifications, ratelimits, bad = decode_rows(batch)
-        if verifications:
-            self.client.insert(schema.VERIFICATIONS_TABLE, verifications, column_names=events.VERIFICATION_COLUMNS,
-                               column_type_names=schema.types_of(schema.VERIFICATIONS_TABLE, events.VERIFICATION_COLUMNS),
-                               settings=insert_settings(f"{token}:{schema.VERIFICATIONS_TABLE}"))
-        if ratelimits:
-            self.client.insert(schema.RATELIMITS_TABLE, ratelimits, column_names=events.RATELIMIT_COLUMNS,
-                               column_type_names=schema.types_of(schema.RATELIMITS_TABLE, events.RATELIMIT_COLUMNS),
-                               settings=insert_settings(f"{token}:{schema.RATELIMITS_TABLE}"))
+        for table, rows, columns in ((schema.VERIFICATIONS_TABLE, verifications, events.VERIFICATION_COLUMNS),
+                                     (schema.RATELIMITS_TABLE, ratelimits, events.RATELIMIT_COLUMNS)):
+            if rows:
+                self.client.insert(table, rows, column_names=columns, column_type_names=schema.types_of(table, columns),
+                                   settings=insert_settings(f"{token}:{table}"))
         return bad
 
     def _crash_point(self, point: str) -> None:
