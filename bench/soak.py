@@ -23,8 +23,9 @@
    else, a dropped connection, or a request still unanswered at the end, is an error.
 4. Every --interval seconds, one row: requests answered and errors in the interval, the achieved rate, p50/p99/max
    latency of the interval, the p99 of the time the app itself took (from the workers' latency histogram, when
-   the soak started the server), the generator's backlog and own CPU, the load average, and the RSS of every process
-   of the node (found by walking /proc from the `keysvc serve` process: serve, each worker, the flusher).
+   the soak started the server), the generator's backlog and own CPU, the machine's idle CPU and load average, and
+   the RSS of every process of the node (found by walking /proc from the `keysvc serve` process: serve, each
+   worker, the flusher).
 5. At the end: credits spent must equal the VALID answers counted (the server really verified), and a verdict,
    on the rows after the first --warmup seconds of load: the anonymous RSS (heap and stacks, where a leak
    lives) of each process flat. Its floor (the minimum of each sixth of the samples after the warm-up, under
@@ -435,6 +436,26 @@ def rss_verdict(samples: list[tuple[float, dict[str, dict[str, int]]]], warmup: 
     return lines, ok
 
 
+class IdleCpu:
+    """The machine's idle share of CPU time since the last call, from /proc/stat (idle and iowait over all
+    the time counted): 0% means every core was busy, so a request's wait for one shows in its latency."""
+
+    def __init__(self) -> None:
+        self.last = self.read()
+
+    @staticmethod
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            ticks = [int(field) for field in stat.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)
+
+    def fraction(self) -> float:
+        now, before = self.read(), self.last
+        self.last = now
+        total = now[1] - before[1]
+        return (now[0] - before[0]) / total if total > 0 else float("nan")
+
+
 class AppLatency:
     """keys.verifyKey's time inside the app, per row, from the workers' own histogram
     (keysvc_verify_duration_seconds, read from the metrics files under the data dir): the upper bound
@@ -484,19 +505,21 @@ async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, r
     samples: list[tuple[float, dict]] = []
     labels = list(procs.sample()) if procs.root is not None else []
     head = ["t (s)", "answered", "req/s", "p50 ms", "p99 ms", "max ms", "app p99 ms", "errors", "backlog",
-            "gen lag ms", "gen CPU", "load", *[f"{label} MiB" for label in labels]]
+            "gen lag ms", "gen CPU", "idle", "load", *[f"{label} MiB" for label in labels]]
     # every process's RSS and, after the slash, its anonymous part
     print(f"open loop on {loop_name}: {rate:,.0f} req/s over {args.connections} connections, "
           f"{args.duration:g} s, a row every {args.interval:g} s; latency: ms from the request's sending (from "
           f"when it was due if it had to wait for a free connection); backlog: due requests waiting for a "
           f"connection at the end of the row; app p99: at most this long inside the app, from the workers' "
           f"histogram (its bucket bounds: 1, 2.5, 5, 10, 25, 50, 100, 250 ms ...); gen lag: how late the "
-          f"generator sent a request at worst (its tick is 1 ms); per process: RSS/anonymous RSS in MiB "
+          f"generator sent a request at worst (its tick is 1 ms); idle: the machine's idle CPU (/proc/stat), 0% "
+          f"when every core was busy; per process: RSS/anonymous RSS in MiB "
           f"(VmRSS/RssAnon)")
     print()
     print("| " + " | ".join(head) + " |")
     print("| " + " | ".join("---:" for _ in head) + " |")
     state = {"next": args.interval, "cpu": resource.getrusage(resource.RUSAGE_SELF), "t": 0.0}
+    idle = IdleCpu()
 
     def row(elapsed: float) -> None:
         done = gen.take_interval()
@@ -510,7 +533,7 @@ async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, r
         record = {"t": elapsed, "answered": len(lat), "rate": len(lat) / span, "p50": lat.percentile(0.5),
                   "p99": lat.percentile(0.99), "max": lat.max, "errors": done.errors,
                   "kinds": dict(done.error_kinds), "backlog": len(gen.backlog), "cpu": cpu / span,
-                  "load": os.getloadavg()[0], "rss": sample,
+                  "load": os.getloadavg()[0], "idle": idle.fraction(), "rss": sample,
                   "app_p99": app.p99_ms() if app is not None else float("nan")}
         rows.append(record)
         for label in sample:
@@ -519,7 +542,7 @@ async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, r
         cells = [f"{elapsed:.0f}", f"{len(lat):,}", f"{record['rate']:,.0f}", fmt_ms(record["p50"]),
                  fmt_ms(record["p99"]), fmt_ms(record["max"]), app_p99_cell(record["app_p99"]),
                  str(done.errors), str(record["backlog"]),
-                 fmt_ms(done.lag * 1000), f"{record['cpu']:.0%}", f"{record['load']:.2f}",
+                 fmt_ms(done.lag * 1000), f"{record['cpu']:.0%}", f"{record['idle']:.0%}", f"{record['load']:.2f}",
                  *[mib(record["rss"].get(label)) for label in labels]]
         print("| " + " | ".join(cells) + " |", flush=True)
         for kind, count in done.error_kinds.items():
