@@ -23,8 +23,8 @@
    else, a dropped connection, or a request still unanswered at the end, is an error.
 4. Every --interval seconds, one row: requests answered and errors in the interval, the achieved rate, p50/p99/max
    latency of the interval, the p99 of the time the app itself took (from the workers' latency histogram, when
-   the soak started the server), the generator's backlog and own CPU, the machine's idle CPU and load average, and
-   the RSS of every process of the node (found by walking /proc from the `keysvc serve` process: serve, each
+   the soak started the server), the generator's backlog and own CPU, the machine's idle CPU and load average, the
+   CPU time of the workers and of the flusher, and the RSS of every process of the node (found by walking /proc from the `keysvc serve` process: serve, each
    worker, the flusher).
 5. At the end: credits spent must equal the VALID answers counted (the server really verified), and a verdict,
    on the rows after the first --warmup seconds of load: the anonymous RSS (heap and stacks, where a leak
@@ -84,6 +84,7 @@ RSS_GROWTH_MIB = 32.0
 RSS_LATE_GROWTH_MIB = 4.0
 # p99 stable: the median interval p99 of the last third of the run at most this times the first third's.
 P99_DRIFT = 1.5
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class BenchError(Exception):
@@ -114,6 +115,11 @@ def status_kib(pid: int) -> dict[str, int]:
             if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
                 out[name] = int(value.split()[0])
     except OSError:
+        pass
+    try:  # utime + stime of all its threads, in clock ticks (fields 14 and 15, after the command's parentheses)
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        out["cpu_ticks"] = int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
         pass
     return out
 
@@ -368,6 +374,18 @@ class Generator:
 # -- the report ----------------------------------------------------------------------------------------
 
 
+def cpu_share(now: dict[str, dict[str, int]], before: dict[str, dict[str, int]], label: str, span: float) -> float:
+    """A process's CPU time over the row, as a share of one core (nan if it was not seen both times)."""
+    ticks, earlier = now.get(label, {}).get("cpu_ticks"), before.get(label, {}).get("cpu_ticks")
+    if ticks is None or earlier is None:
+        return float("nan")
+    return (ticks - earlier) / CLOCK_TICKS / span
+
+
+def percent(share: float | None) -> str:
+    return "-" if share is None or math.isnan(share) else f"{share:.0%}"
+
+
 def app_p99_cell(ms: float) -> str:
     return "-" if math.isnan(ms) else f"<= {fmt_ms(ms)}"
 
@@ -505,7 +523,8 @@ async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, r
     samples: list[tuple[float, dict]] = []
     labels = list(procs.sample()) if procs.root is not None else []
     head = ["t (s)", "answered", "req/s", "p50 ms", "p99 ms", "max ms", "app p99 ms", "errors", "backlog",
-            "gen lag ms", "gen CPU", "idle", "load", *[f"{label} MiB" for label in labels]]
+            "gen lag ms", "gen CPU", "idle", "load", "workers CPU", "flusher CPU",
+            *[f"{label} MiB" for label in labels]]
     # every process's RSS and, after the slash, its anonymous part
     print(f"open loop on {loop_name}: {rate:,.0f} req/s over {args.connections} connections, "
           f"{args.duration:g} s, a row every {args.interval:g} s; latency: ms from the request's sending (from "
@@ -513,12 +532,14 @@ async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, r
           f"connection at the end of the row; app p99: at most this long inside the app, from the workers' "
           f"histogram (its bucket bounds: 1, 2.5, 5, 10, 25, 50, 100, 250 ms ...); gen lag: how late the "
           f"generator sent a request at worst (its tick is 1 ms); idle: the machine's idle CPU (/proc/stat), 0% "
-          f"when every core was busy; per process: RSS/anonymous RSS in MiB "
+          f"when every core was busy; workers CPU, flusher CPU: their CPU time in the row, 100% = one core; "
+          f"per process: RSS/anonymous RSS in MiB "
           f"(VmRSS/RssAnon)")
     print()
     print("| " + " | ".join(head) + " |")
     print("| " + " | ".join("---:" for _ in head) + " |")
-    state = {"next": args.interval, "cpu": resource.getrusage(resource.RUSAGE_SELF), "t": 0.0}
+    state = {"next": args.interval, "cpu": resource.getrusage(resource.RUSAGE_SELF), "t": 0.0,
+             "sample": procs.sample() if procs.root is not None else {}}
     idle = IdleCpu()
 
     def row(elapsed: float) -> None:
@@ -528,6 +549,8 @@ async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, r
         span = max(elapsed - state["t"], 1e-9)
         state["cpu"], state["t"] = usage, elapsed
         sample = procs.sample() if procs.root is not None else {}
+        cpu_of = {label: cpu_share(sample, state["sample"], label, span) for label in sample}
+        state["sample"] = sample
         samples.append((elapsed, sample))
         lat = done.latencies
         record = {"t": elapsed, "answered": len(lat), "rate": len(lat) / span, "p50": lat.percentile(0.5),
@@ -543,6 +566,7 @@ async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, r
                  fmt_ms(record["p99"]), fmt_ms(record["max"]), app_p99_cell(record["app_p99"]),
                  str(done.errors), str(record["backlog"]),
                  fmt_ms(done.lag * 1000), f"{record['cpu']:.0%}", f"{record['idle']:.0%}", f"{record['load']:.2f}",
+                 percent(sum(v for k, v in cpu_of.items() if k.startswith("worker"))), percent(cpu_of.get("flusher")),
                  *[mib(record["rss"].get(label)) for label in labels]]
         print("| " + " | ".join(cells) + " |", flush=True)
         for kind, count in done.error_kinds.items():
