@@ -24,16 +24,16 @@
 4. Every --interval seconds, one row: requests answered and errors in the interval, the achieved rate, p50/p99/max
    latency of the interval, the p99 of the time the app itself took (from the workers' latency histogram, when
    the soak started the server), the generator's backlog and own CPU, the machine's idle CPU and load average, the
-   CPU time of the workers and of the flusher, and the RSS of every process of the node (found by walking /proc from the `keysvc serve` process: serve, each
-   worker, the flusher).
+   CPU time of the workers and of the flusher, and the RSS of every process of the node (found by walking /proc
+   from the `keysvc serve` process: serve, each worker, the flusher).
 5. At the end: credits spent must equal the VALID answers counted (the server really verified), and a verdict,
    on the rows after the first --warmup seconds of load: the anonymous RSS (heap and stacks, where a leak
    lives) of each process flat. Its floor (the minimum of each sixth of the samples after the warm-up, under
    the sawtooth of the flusher's batches) may rise by at most 32 MiB or 20% from the first sixth to the last,
    and by at most 4 MiB over the last half: a leak keeps raising it to the end, a warm-up (caches) stops. Total
    RSS is shown beside it: it also counts the file-backed pages of the LMDB maps and chDB's files, which grow as
-   they are touched, up to the files' sizes. Then p99 stable: no drift, the median interval p99
-   of the last third of the rows at most 1.5x that of the first third (a server that degrades, from a growing
+   they are touched, up to the files' sizes. Then p99 stable: no drift, the median interval p99 of the last
+   third of the rows at most 1.5x that of the first third (a server that degrades, from a growing
    cache, table or backlog, drifts up; the largest interval p99 over the median one is printed beside it, but
    not judged: on a shared VM a stall of the whole machine, which the generator's own lag shows too, sets it).
    And zero errors.
@@ -533,8 +533,7 @@ async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, r
           f"histogram (its bucket bounds: 1, 2.5, 5, 10, 25, 50, 100, 250 ms ...); gen lag: how late the "
           f"generator sent a request at worst (its tick is 1 ms); idle: the machine's idle CPU (/proc/stat), 0% "
           f"when every core was busy; workers CPU, flusher CPU: their CPU time in the row, 100% = one core; "
-          f"per process: RSS/anonymous RSS in MiB "
-          f"(VmRSS/RssAnon)")
+          f"per process: RSS/anonymous RSS in MiB (VmRSS/RssAnon)")
     print()
     print("| " + " | ".join(head) + " |")
     print("| " + " | ".join("---:" for _ in head) + " |")
