@@ -521,7 +521,8 @@ async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, r
     await gen.connect()
     rows: list[dict] = []
     samples: list[tuple[float, dict]] = []
-    labels = list(procs.sample()) if procs.root is not None else []
+    first_sample = procs.sample() if procs.root is not None else {}
+    labels = list(first_sample)
     head = ["t (s)", "answered", "req/s", "p50 ms", "p99 ms", "max ms", "app p99 ms", "errors", "backlog",
             "gen lag ms", "gen CPU", "idle", "load", "workers CPU", "flusher CPU",
             *[f"{label} MiB" for label in labels]]
@@ -537,8 +538,7 @@ async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, r
     print()
     print("| " + " | ".join(head) + " |")
     print("| " + " | ".join("---:" for _ in head) + " |")
-    state = {"next": args.interval, "cpu": resource.getrusage(resource.RUSAGE_SELF), "t": 0.0,
-             "sample": procs.sample() if procs.root is not None else {}}
+    state = {"next": args.interval, "cpu": resource.getrusage(resource.RUSAGE_SELF), "t": 0.0, "sample": first_sample}
     idle = IdleCpu()
 
     def row(elapsed: float) -> None:

@@ -48,11 +48,11 @@ def test_soak_runs_short_and_reports_every_process() -> None:
         assert label in header, header
     rows = table_rows(text, r"\d+")
     assert len(rows) >= 4, text
-    errors = header.strip("|").split(" | ").index("errors")
+    column = {name.strip(): i for i, name in enumerate(header.strip("|").split(" | "))}
     for row in rows:
-        assert row[errors] == "0", f"errors in {row}"
-        assert re.fullmatch(r"<= [\d.]+", row[errors - 1]), row  # the app's own p99, from the workers' histogram
-        assert re.fullmatch(r"\d+%", row[header.strip("|").split(" | ").index("idle")]), row  # the machine's idle CPU
+        assert row[column["errors"]] == "0", f"errors in {row}"
+        assert re.fullmatch(r"<= [\d.]+", row[column["app p99 ms"]]), row  # the app's own p99, from its histogram
+        assert re.fullmatch(r"\d+%", row[column["idle"]]), row  # the machine's idle CPU
         assert all(re.fullmatch(r"\d+/\d+", cell) for cell in row[-4:]), row  # RSS/anonymous RSS of each
     assert "| errors (non-200, not VALID, dropped, unanswered) | 0 | 0 | PASS |" in text, text
     assert re.search(r"\| credits spent = VALID answers \| [\d,]+ / [\d,]+ \| equal \| PASS \|", text), text
