@@ -174,6 +174,15 @@ class Server:
             self.process = None
 
 
+def ceiling_argv(workers: int, port: int) -> list[str]:
+    """The ceiling: bench/raw_asgi.py under the flags keysvc/cli/serve.py passes to Granian(...), spelled as
+    Granian's command line. Started as Server(..., ready_path="/")."""
+    return [GRANIAN, "--interface", "asgi", "--loop", "uvloop", "--http", "auto", "--no-ws", "--workers", str(workers),
+            "--respawn-failed-workers", "--respawn-interval", "0.5", "--workers-kill-timeout", "10",
+            "--log-level", "warning", "--host", HOST, "--port", str(port), "--working-dir", str(REPO),
+            "bench.raw_asgi:app"]
+
+
 # -- the key ----------------------------------------------------------------------------------------
 
 
@@ -314,11 +323,7 @@ def main() -> int:
     n = str(args.workers)
     keysvc_argv = [PYTHON, "-m", "keysvc", "serve", "--workers", n, "--host", HOST, "--port", str(keysvc_port),
                    "--data-dir", str(data_dir)]
-    # The flags keysvc/cli/serve.py passes to Granian(...), spelled as Granian's command line.
-    raw_argv = [GRANIAN, "--interface", "asgi", "--loop", "uvloop", "--http", "auto", "--no-ws", "--workers", n,
-                "--respawn-failed-workers", "--respawn-interval", "0.5", "--workers-kill-timeout", "10",
-                "--log-level", "warning", "--host", HOST, "--port", str(raw_port), "--working-dir", str(REPO),
-                "bench.raw_asgi:app"]
+    raw_argv = ceiling_argv(args.workers, raw_port)
     script = tmp / "verify.lua"
     servers = {
         "keysvc": Server("keysvc serve", keysvc_argv, keysvc_port, tmp / "keysvc.log", "/v2/liveness"),

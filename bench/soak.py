@@ -11,6 +11,10 @@
    credits that never run out), so that every verification writes the counters.
 2. Capacity: a closed-loop run of wrk (`-t1 -c32`, bench/http.py's Lua script and parser) for
    --capacity-seconds after a 2 s warm-up; its req/s is the capacity (or give --capacity to skip this).
+   Then the same-rate baseline (--baseline-seconds, default 120; 0 skips it): bench/http.py's ceiling, the raw
+   ASGI app under the same Granian flags and worker count, soaked by the same generator at the soak's rate,
+   with keysvc idle meanwhile; its interval p99s show what this machine and generator give a server that does
+   no work, and the verdict shows keysvc's median interval p99 over the ceiling's (not judged).
 3. Soak: --fraction (default 0.5) of the capacity, for --duration seconds (default 600), from an open-loop
    generator in this process (asyncio on uvloop, raw keep-alive HTTP/1.1 over --connections connections, at
    most one request in flight on each): request i is due at start + i / rate whatever the server does; a due
@@ -509,6 +513,70 @@ class AppLatency:
         return next(le for le, count in cumulative if count >= 0.99 * total) * 1000
 
 
+class Baseline:
+    """The same-rate soak of the raw ASGI ceiling: what this machine and this generator give a server that
+    does no work, measured in the same run as keysvc's soak."""
+
+    def __init__(self, seconds: float, workers: int) -> None:
+        self.seconds = seconds
+        self.workers = workers
+        self.p99s: list[float] = []
+        self.lag = 0.0
+        self.errors = 0
+
+    async def run(self, host: str, port: int, request: bytes, rate: float, connections: int, interval: float) -> None:
+        gen = Generator(host, port, request, rate, connections)
+        await gen.connect()
+        state = {"next": interval}
+
+        def on_tick(elapsed: float, final: bool = False) -> None:
+            if final or elapsed < state["next"]:
+                return
+            done = gen.take_interval()
+            self.p99s.append(done.latencies.percentile(0.99))
+            self.lag = max(self.lag, done.lag)
+            state["next"] += interval
+
+        try:
+            await gen.run(self.seconds, on_tick)
+        finally:
+            gen.close()
+        self.errors = gen.errors_total
+
+    def median_p99(self) -> float:
+        p99s = [p for p in self.p99s if p == p]
+        return statistics.median(p99s) if p99s else float("nan")
+
+    def line(self, rate: float, connections: int) -> str:
+        p99s = [p for p in self.p99s if p == p] or [float("nan")]
+        return (f"same-rate baseline: the raw ASGI ceiling (bench/raw_asgi.py, http.py's Granian flags, "
+                f"{self.workers} workers) soaked first by the same generator, {rate:,.0f} req/s over {connections} "
+                f"connections for {self.seconds:g} s: interval p99 min / median / max {fmt_ms(min(p99s))} / "
+                f"{fmt_ms(self.median_p99())} / {fmt_ms(max(p99s))} ms, gen lag at most {fmt_ms(self.lag * 1000)} ms, "
+                f"errors {self.errors}")
+
+
+def verify_request(host: str, port: int, root_key: str, body: bytes) -> bytes:
+    return (f"POST /v2/keys.verifyKey HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {root_key}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def soak_baseline(args: argparse.Namespace, tmp: Path, root_key: str, body: bytes, rate: float,
+                  runner) -> Baseline:  # noqa: ANN001
+    """The ceiling started, soaked at `rate` for --baseline-seconds (it ignores what it is sent and answers
+    a fixed VALID verification, so keysvc's request serves), and stopped."""
+    baseline = Baseline(args.baseline_seconds, args.workers)
+    port = bh.free_port()
+    server = bh.Server("raw ASGI", bh.ceiling_argv(args.workers, port), port, tmp / "raw.log", "/")
+    server.start()
+    try:
+        runner(baseline.run(bh.HOST, port, verify_request(bh.HOST, port, root_key, body), rate, args.connections,
+                            args.interval))
+    finally:
+        server.stop()
+    return baseline
+
+
 async def soak(args: argparse.Namespace, host: str, port: int, request: bytes, rate: float,
                procs: Processes, app: AppLatency | None) -> tuple[Generator, list[dict], list[tuple[float, dict]]]:
     try:
@@ -605,6 +673,9 @@ def main() -> int:
     parser.add_argument("--capacity", type=float, help="req/s: skip measuring it")
     parser.add_argument("--capacity-seconds", type=int, default=10, help="the wrk run measuring capacity (default 10)")
     parser.add_argument("--connections", type=int, default=64, help="open-loop connections (default 64)")
+    parser.add_argument("--baseline-seconds", type=float, default=120,
+                        help="seconds of the same-rate soak of the raw ASGI ceiling before keysvc's (default 120; "
+                             "0: none)")
     parser.add_argument("--strict", action="store_true", help="exit 1 also when the RSS or p99 verdict fails")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (data dir, server log)")
     args = parser.parse_args()
@@ -677,14 +748,18 @@ def main() -> int:
         print(f"soak rate: {args.fraction:g} x capacity = {rate:,.0f} req/s")
         print()
 
-        request = (f"POST /v2/keys.verifyKey HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                   f"Authorization: Bearer {root_key}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        request = verify_request(host, port, root_key, body)
         try:
             import uvloop
 
             runner = uvloop.run
         except ImportError:  # pragma: no cover
             runner = asyncio.run
+        baseline = None
+        if args.baseline_seconds > 0:
+            baseline = soak_baseline(args, tmp, root_key, body, rate, runner)
+            print(baseline.line(rate, args.connections))
+            print()
         app = AppLatency(data_dir) if server is not None else None
         gen, rows, samples = runner(soak(args, host, port, request, rate, procs, app))
         if server is not None and (server.process is None or server.process.poll() is not None):
@@ -733,6 +808,12 @@ def main() -> int:
               f"= {p99_drift:.2f} | <= {P99_DRIFT:g} | {'PASS' if p99_ok else 'FAIL'} |")
         print(f"| p99 spikes: max interval p99 / median interval p99 | {max(p99s) if p99s else float('nan'):.2f} / "
               f"{statistics.median(p99s) if p99s else float('nan'):.2f} ms = {p99_ratio:.2f} | (shown, not judged) | |")
+        if baseline is not None:
+            ceiling_p99 = baseline.median_p99()
+            print(f"| p99 against the same-rate ceiling: median interval p99, keysvc / ceiling | "
+                  f"{statistics.median(p99s) if p99s else float('nan'):.2f} / {ceiling_p99:.2f} ms = "
+                  f"{(statistics.median(p99s) / ceiling_p99) if p99s and ceiling_p99 > 0 else float('nan'):.2f} | "
+                  f"(shown, not judged) | |")
         print(f"| errors (non-200, not VALID, dropped, unanswered) | {gen.errors_total} | 0 | "
               f"{'PASS' if gen.errors_total == 0 else 'FAIL'} |")
         print(f"| credits spent = VALID answers | {spent:,} / {expected:,} | equal | "

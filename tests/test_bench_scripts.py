@@ -37,8 +37,8 @@ def table_rows(out: str, first_cell: str) -> list[list[str]]:
 def test_soak_runs_short_and_reports_every_process() -> None:
     # Capacity is measured with wrk where it is installed (the full run needs it), else given.
     capacity = ["--capacity-seconds", "2"] if shutil.which("wrk") else ["--capacity", "2000"]
-    out = run("soak.py", "--duration", "8", "--interval", "2", "--warmup", "2", "--connections", "16", *capacity,
-              timeout=240)
+    out = run("soak.py", "--duration", "8", "--interval", "2", "--warmup", "2", "--connections", "16",
+              "--baseline-seconds", "4", *capacity, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
     assert re.search(r"processes: serve \(pid \d+\), flusher \(pid \d+\), worker 1 \(pid \d+\), worker 2", text), text
@@ -58,6 +58,11 @@ def test_soak_runs_short_and_reports_every_process() -> None:
     assert re.search(r"\| credits spent = VALID answers \| [\d,]+ / [\d,]+ \| equal \| PASS \|", text), text
     assert re.search(r"\| anonymous RSS flat, every process \|", text), text
     assert re.search(r"\| p99 stable: median interval p99, last third / first third \|", text), text
+    # The same-rate baseline: the raw ASGI ceiling soaked first, without an error, and keysvc's p99 over its.
+    assert re.search(r"same-rate baseline: the raw ASGI ceiling .* interval p99 min / median / max [\d.]+ / [\d.]+ / "
+                     r"[\d.]+ ms, gen lag at most [\d.]+ ms, errors 0$", text, re.MULTILINE), text
+    assert re.search(r"\| p99 against the same-rate ceiling: median interval p99, keysvc / ceiling \| [\d.]+ / "
+                     r"[\d.]+ ms = [\d.]+ \|", text), text
     verdict = table_rows(text, r"serve|flusher|worker \d")
     assert {row[0] for row in verdict} == {"serve", "flusher", "worker 1", "worker 2"}, text
 
