@@ -252,12 +252,11 @@ class Management:
         the key unlimited (and drops its refill); `refill` is an r.Refill or None. ratelimits,
         roles and permissions replace the existing sets (ratelimits keep their ids by name)."""
         now = now_ms()
-        current = self.get_key(key_id)
-        has_credits = current.has_credits if remaining is UNSET else remaining is not None
-        if refill not in (UNSET, None) and not has_credits:
-            raise BadRequest("credits.refill needs credits.remaining to be set")
         with self.store.write() as w:
             key = self._live_key(w, key_id)
+            has_credits = key.has_credits if remaining is UNSET else remaining is not None
+            if refill not in (UNSET, None) and not has_credits:
+                raise BadRequest("credits.refill needs credits.remaining to be set")
             if name is not UNSET:
                 key.name = name
             if meta is not UNSET:

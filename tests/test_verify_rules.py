@@ -9,6 +9,7 @@ from keysvc._fast import PermissionQuerySyntaxError, RatelimitNotFoundError
 from keysvc.errors import BadRequest, NotFound
 from keysvc.keys import unkey_hash
 from keysvc.management import CreditsSpec, KeySpec, RatelimitSpec
+from keysvc.store.records import Refill
 
 MINUTE = 60_000
 HOUR = 3_600_000
@@ -304,6 +305,18 @@ def test_keys_without_credits_are_unlimited(verifier, manage, api):
     _, key = new_key(manage, api)
     result = verifier.verify(key, NOW, credits_cost=10**12)
     assert (result.code, result.credits, result.spent) == ("VALID", None, 0)
+
+
+def test_update_key_refuses_a_refill_without_credits_and_changes_nothing(verifier, manage, api):
+    record, key = new_key(manage, api, name="before")
+    with pytest.raises(BadRequest, match="credits.refill needs credits.remaining"):
+        manage.update_key(record.id, name="after", refill=Refill("daily", 5))
+    unchanged = manage.get_key(record.id)
+    assert (unchanged.name, unchanged.has_credits, unchanged.refill) == ("before", False, None)
+    # With a balance in the same update, the refill is taken.
+    updated = manage.update_key(record.id, name="after", remaining=1, refill=Refill("daily", 5))
+    assert (updated.name, updated.has_credits, updated.refill) == ("after", True, Refill("daily", 5))
+    assert verifier.verify(key, NOW).credits == 0
 
 
 def test_update_credits_operations(verifier, manage, api):
