@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+from blake3 import blake3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -52,6 +54,29 @@ def test_weighted_previous_is_exact_and_identical(prev, duration, data):
     expected = prev * (duration - elapsed) // duration
     assert compiled.weighted_previous(prev, elapsed, duration) == expected
     assert python.weighted_previous(prev, elapsed, duration) == expected
+
+
+def test_the_compiled_hash_is_blake3_at_every_length_up_to_two_chunks():
+    # blake3_chunk.h hashes one chunk (1,024 bytes) in C; past it the package does. Every block
+    # boundary is crossed here, and the spec's digest of the empty input is pinned.
+    assert compiled.hash_key("").hex() == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    text = "".join(chr(33 + (i * 7919) % 94) for i in range(2048))
+    for length in range(2049):
+        key = text[:length]
+        assert compiled.hash_key(key) == python.hash_key(key) == blake3(key.encode()).digest(), length
+
+
+@given(st.text(max_size=700))
+def test_the_twins_hash_any_text_alike(key):
+    # Non-ASCII keys take the UTF-8 of the string, as the package's key.encode() does.
+    try:
+        expected = blake3(key.encode()).digest()
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8, an error in both
+        for core in (compiled, python):
+            with pytest.raises(UnicodeEncodeError):
+                core.hash_key(key)
+        return
+    assert compiled.hash_key(key) == python.hash_key(key) == expected
 
 
 @given(days=st.integers(-1000, 200_000))

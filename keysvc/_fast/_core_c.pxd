@@ -1,6 +1,10 @@
 # Declarations for compiling _core_py.py (through the _core_c.py link) in Cython's pure-Python
 # mode: C types for the arithmetic and attributes, C calls between the hot functions.
 import cython
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+
+cdef extern from "blake3_chunk.h":
+    int keysvc_blake3_chunk(const char *data, size_t length, unsigned char *out) nogil
 
 cdef object _CELL, _CREDITS, _DURATION
 cdef bytes _BALANCE, _WINDOW
@@ -8,6 +12,8 @@ cdef Py_ssize_t _MAX_BUCKET_PART
 
 cdef bytes _part(str text)
 cpdef bytes hash_key(str key)
+@cython.locals(size=Py_ssize_t, data=cython.p_const_char, out=cython.uchar[32])
+cdef bytes _blake3_one_chunk(str key)
 cpdef bytes bucket_key(bytes scope, str namespace, str identifier, long long duration)
 cpdef bytes credits_key(str key_id)
 cpdef bint is_window(bytes counter_key) except -1

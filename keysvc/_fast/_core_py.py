@@ -3,7 +3,7 @@ run the checks in the contract's order, and apply rate limits and credits in one
 transaction shared by every worker of the node.
 
     Verifier.verify(key, now_ms, ...)  (or verify_batch: many, one write txn)  -> VerifyResult
-      hash_key (blake3)                                the cache is keyed by the digest, never the key
+      hash_key (blake3; compiled: blake3_chunk.h)     the cache is keyed by the digest, never the key
       _sync_cache -> store.change_hint()               one 8-byte read; replays the change log if it moved
       _cache.get(digest) or _load -> store.resolve_key  miss: one LMDB read txn, decoded into a KeyView
       enabled, expires, api scope, permissions         from the KeyView, no I/O
@@ -74,7 +74,19 @@ def _part(text):
 
 def hash_key(key):
     """The digest a key is stored and cached under: blake3 of the whole key string."""
+    if COMPILED:
+        return _blake3_one_chunk(key)
     return blake3(key.encode()).digest()
+
+
+def _blake3_one_chunk(key):
+    # Compiled twin only: the names it calls are C declarations in _core_c.pxd. A key of at most
+    # one BLAKE3 chunk (every key keysvc issues) is hashed in C (blake3_chunk.h), without the
+    # blake3 package's hasher object and calls; the same digest (tests/test_twins.py).
+    data = PyUnicode_AsUTF8AndSize(key, cython.address(size))  # noqa: F821
+    if keysvc_blake3_chunk(data, size, out) != 0:  # noqa: F821 - longer than a chunk
+        return blake3(key.encode()).digest()
+    return cython.cast(cython.p_char, out)[:32]  # noqa: F821
 
 
 def bucket_key(scope, namespace, identifier, duration):
