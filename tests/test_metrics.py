@@ -357,10 +357,16 @@ def test_counts_outlive_a_killed_worker(node: Node):
 
 
 def worker_pids(pid: int) -> list[int]:
+    def read(path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:  # a thread (a scrape's) or a child that has just ended
+            return b""
+
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
-    return [child for child in found if b"keysvc.analytics" not in Path(f"/proc/{child}/cmdline").read_bytes()]
+        found += [int(child) for child in read(task / "children").split()]
+    return [child for child in found if b"keysvc.analytics" not in read(Path(f"/proc/{child}/cmdline"))]
 
 
 # -- without the token, without the listener --------------------------------------------------------------
