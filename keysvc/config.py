@@ -64,6 +64,9 @@ class AnalyticsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     clickhouse_url: Text | None = None
     batch_size: Count = 10_000  # rows per insert
     flush_interval: Seconds = 5.0  # seconds: a smaller batch goes after this long
+    # Seconds between two rollups (keysvc.analytics.rollups) while the spool is never empty; at
+    # once when it is. The *_per_*_v1 aliases lag the raw tables by at most this much.
+    rollup_interval: Seconds = 10.0
     spool_cap_bytes: Bytes = 1 * GiB  # past it the oldest events are dropped (and counted)
     spool_map_size: MapSize = 4 * GiB
     query_timeout: Seconds = 10.0  # seconds, for analytics.get* queries

@@ -151,12 +151,17 @@ def outcomes(data_dir: Path) -> Counter:
     return Counter({row["outcome"]: row["n"] for row in rows})
 
 
+def rolled_up(data_dir: Path) -> tuple[int, int]:
+    return (scalar(data_dir, "SELECT sum(count) FROM key_verifications_per_minute_v1"),
+            scalar(data_dir, "SELECT sum(total) FROM ratelimits_per_minute_v1"))
+
+
 def assert_exactly_once(data_dir: Path, verifications: int, ratelimits: int) -> None:
-    # Once the spool is empty every insert has returned: its rollups are written too (a raw
-    # table's rows can be visible a moment before the rollups of the same insert).
+    # Once the spool is empty every insert has returned; the flusher then rolls them up.
     wait_for(lambda: spool_depth(data_dir) == 0, what="an empty spool")
     row = query(data_dir, "SELECT count() AS n, uniqExact(request_id) AS ids FROM key_verifications_v1")[0]
     assert row == {"n": verifications, "ids": verifications}
+    wait_for(lambda: rolled_up(data_dir) == (verifications, ratelimits), what="the rollups")
     for grain in ("minute", "hour", "day", "month"):  # the rollups saw every insert once too
         assert scalar(data_dir, f"SELECT sum(count) FROM key_verifications_per_{grain}_v1") == verifications, grain
         assert scalar(data_dir, f"SELECT sum(total) FROM ratelimits_per_{grain}_v1") == ratelimits, grain
@@ -191,8 +196,8 @@ def test_verifications_and_ratelimits_arrive_exactly_once(tmp_path):
         wait_for(lambda: outcomes(data_dir) == codes, what="the verifications")
         wait_for(lambda: scalar(data_dir, "SELECT count() FROM ratelimits_v1") == 12, what="the ratelimits")
         assert_exactly_once(data_dir, 300, 12)
-        row = query(data_dir, f"SELECT countIf(passed) AS passed, sum(tokens) AS tokens, any(limit) AS lim "
-                              f"FROM ratelimits_v1 WHERE namespace_id != ''")[0]
+        row = query(data_dir, "SELECT countIf(passed) AS passed, sum(tokens) AS tokens, any(limit) AS lim "
+                              "FROM ratelimits_v1 WHERE namespace_id != ''")[0]
         assert row == {"passed": 5, "tokens": 12, "lim": 5}
         per_minute = query(data_dir, "SELECT outcome, sum(count) AS n FROM key_verifications_per_minute_v1 "
                                      "GROUP BY outcome")
@@ -240,8 +245,8 @@ def test_records_clickhouse_refuses_as_msgpack_go_value_by_value_and_corrupt_one
         wait_for(lambda: spool_depth(data_dir) == 0, what="an empty spool")
         rows = query(data_dir, "SELECT request_id, latency FROM key_verifications_v1 ORDER BY request_id")
         assert rows == [{"request_id": "req_fine", "latency": 0.25}, {"request_id": "req_int_latency", "latency": 3.0}]
-        per_minute = query(data_dir, "SELECT sum(count) AS n FROM key_verifications_per_month_v1")
-        assert per_minute == [{"n": 2}]
+        wait_for(lambda: query(data_dir, "SELECT sum(count) AS n FROM key_verifications_per_month_v1") == [{"n": 2}],
+                 what="the rollups")
         spool = Spool(str(data_dir), AnalyticsConfig().spool_map_size)
         try:
             assert spool.dropped() == 1

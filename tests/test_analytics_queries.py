@@ -277,6 +277,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         wait_until(lambda: rows_once_up(running, RATELIMITS, f"SELECT count() AS n FROM ratelimits_v1 "
                                                              f"WHERE startsWith(identifier, '{w.tag}')") == [{"n": 4}],
                    "the ratelimit events")
+        # ... and rolled up (keysvc.analytics.rollups: once the spool is empty).
+        wait_until(lambda: rows_once_up(running, VERIFICATIONS, f"SELECT sum(count) AS n FROM "
+                                                                f"key_verifications_per_minute_v1 "
+                                                                f"WHERE has(tags, '{w.tag}')") == [{"n": 6}],
+                   "the verification rollups")
+        wait_until(lambda: rows_once_up(running, RATELIMITS, f"SELECT sum(total) AS n FROM ratelimits_per_minute_v1 "
+                                                             f"WHERE startsWith(identifier, '{w.tag}')") == [{"n": 4}],
+                   "the ratelimit rollups")
         found = rows(running, RATELIMITS, f"SELECT DISTINCT namespace_id, identifier FROM ratelimits_v1 "
                                           f"WHERE startsWith(identifier, '{w.tag}')")
         for row in found:

@@ -366,6 +366,8 @@ def ch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chdb]:
         values.append(json.dumps(row))
     columns = ", ".join(schema.VERIFICATION_COLUMNS)
     db.command(f"INSERT INTO {schema.VERIFICATIONS_TABLE} ({columns}) FORMAT JSONEachRow " + "\n".join(values))
+    for source in schema.ROLLUP_SOURCES:  # what the flusher's rollups (keysvc.analytics.rollups) insert
+        db.command(f"INSERT INTO {source.rollups}" + schema.rollup_select(source.raw, source.keys, source.sums, ""))
     yield db
     db.session.close()
 

@@ -45,6 +45,7 @@ import msgspec
 from keysvc import logs, metrics
 from keysvc.analytics import events, schema
 from keysvc.analytics.priority import holding_shared_locks
+from keysvc.analytics.rollups import Rollups
 from keysvc.analytics.spool import Spool
 from keysvc.config import Config, from_json, load
 
@@ -197,6 +198,11 @@ class Flusher:
         self.retry_at = 0.0
         self.cap_at = 0.0
         self.last_flush = time.monotonic()
+        # The embedded chDB's rollups are the flusher's; a server's are its materialized views (schema.py).
+        self.rollups = None if self.analytics.clickhouse_url else Rollups()
+        self.last_rollup = time.monotonic()
+        self.unrolled = self.rollups is not None  # a previous run may have landed batches it did not roll up
+        self.rollup_failing = False
         self.undecodable = 0
         self._connect_lock = threading.Lock()
         self._failure_logged: tuple[str, float] = ("", 0.0)
@@ -265,6 +271,9 @@ class Flusher:
                 self.resend()
                 continue
             depth = self.spool.depth()
+            if self.unrolled and ((depth == 0 and not self.rollup_failing) or self.rollup_due()):
+                self.roll_up()
+                continue
             if depth == 0:
                 self.last_flush = now
             elif depth >= batch_size or now - self.last_flush >= interval:
@@ -279,7 +288,7 @@ class Flusher:
         try:
             while time.monotonic() < deadline:
                 if self.spool.inflight() is None and self.spool.depth() == 0:
-                    return
+                    break
                 left = deadline - time.monotonic()
                 if time.monotonic() < self.retry_at:
                     time.sleep(max(0.0, min(self.retry_at - time.monotonic(), left)))
@@ -292,6 +301,8 @@ class Flusher:
                     self.flush_batch(batch_size)
             if self.spool.depth():
                 log.warning("the drain timeout (%.1f s) has passed", self.analytics.drain_timeout)
+            elif self.unrolled and self.client is not None and time.monotonic() < deadline:
+                self.roll_up()  # else the next start rolls up what landed
         finally:
             self.enforce_cap()
 
@@ -355,13 +366,40 @@ class Flusher:
         except Exception:
             log.exception("enforcing the spool cap failed")
 
+    # -- rollups
+
+    def rollup_due(self) -> bool:
+        return time.monotonic() - self.last_rollup >= self.analytics.rollup_interval
+
+    def roll_up(self) -> None:
+        """Build the rollups of every landed batch (keysvc.analytics.rollups). A rollup that fails
+        is tried again after rollup_interval; meanwhile batches go on landing, so that nothing
+        spooled waits for the rollups."""
+        self.last_rollup = time.monotonic()
+        assert self.rollups is not None
+        try:
+            self.rollups.run(self.client)
+        except Exception as exc:
+            self.rollup_failing = True
+            if unreachable(exc):
+                self.failed("rolling up the raw tables failed", exc)
+            else:
+                metrics.flusher(self.config).failed()
+                log.error("rolling up the raw tables failed (trying again in %.0f s): %s: %s",
+                          self.analytics.rollup_interval, type(exc).__name__, exc)
+            return
+        self.rollup_failing = False
+        self.unrolled = False
+
     # -- batches
 
     def flush_all(self, batch_size: int) -> None:
-        """Flush batches until the spool holds less than a batch (it then waits for the interval)."""
+        """Flush batches until the spool holds less than a batch (it then waits for the interval), or
+        until the rollups are due."""
         while not self.stopping():
             sent = self.flush_batch(batch_size)
-            if sent is None or sent < batch_size:
+            # A backlog is rolled up as it drains, every rollup_interval.
+            if sent is None or sent < batch_size or (self.unrolled and self.rollup_due()):
                 break
         self.last_flush = time.monotonic()
 
@@ -402,6 +440,7 @@ class Flusher:
             return False
         self._crash_point("before_land")
         holding_shared_locks(self.spool.land, first, last)
+        self.unrolled = self.rollups is not None
         metrics.flusher(self.config).landed(len(batch))
         self.succeeded()
         if rows.bad:

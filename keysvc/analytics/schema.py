@@ -2,7 +2,8 @@
 the analytics query API exposes. Created or migrated by `migrate()` when the flusher starts.
 
     key_verifications_raw_v2, ratelimits_raw_v2       MergeTree, the contract's columns (section 8)
-      -> key_verifications_rollups_v1_mv, ...          one materialized view per raw table
+      -> (the flusher's rollups, keysvc.analytics.rollups: the raw rows of the insert blocks not rolled
+          up yet, every rollup_interval and whenever the spool is empty; progress in keysvc_rollup_progress)
       -> key_verifications_rollups_v1, ratelimits_rollups_v1
                                                        AggregatingMergeTree holding the minute, hour, day
                                                        and month grains (count and sums; latency avg and
@@ -15,16 +16,18 @@ the columns the events do not carry (workspace_id, region, source, app_id) take 
 
 The raw tables keep `non_replicated_deduplication_window`, so that an insert retried with the same
 `insert_deduplication_token` (the flusher's spool range) is dropped by ClickHouse, on a plain
-MergeTree too; the rollups are fed only by inserts the raw table accepted.
+MergeTree too; the rollup tables too, for a rollup retried over the same range of insert blocks.
+Until version 3 a materialized view per raw table built the rollups inside every insert.
 
 The version reached is recorded in `keysvc_schema_versions`; a later schema change is a new entry
-of MIGRATIONS (its statements idempotent: IF NOT EXISTS, or guarded), applied once in order.
+of MIGRATIONS (its statements idempotent: IF NOT EXISTS, or guarded), applied once in order. On a
+ClickHouse server, version 3 needs one that knows the MergeTree setting `enable_block_number_column`.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger("keysvc.analytics")
 
@@ -139,11 +142,10 @@ SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}""",
     ]
 
 
-# The rollups: one AggregatingMergeTree per event kind holds all four grains, fed by one
-# materialized view from the raw table. Each insert so writes two parts (raw and rollup) instead of
-# five: a part costs ClickHouse milliseconds whatever its size, and then merges. The view first
-# aggregates the batch to minutes, then fans the minutes out to their hour, day and month, so that
-# the coarser grains cost one row per minute group, not one per event.
+# The rollups: one AggregatingMergeTree per event kind holds all four grains, so that a rollup
+# writes one part, not four: a part costs ClickHouse milliseconds whatever its size, and then merges.
+# The rollup's query first aggregates the raw rows to minutes, then fans the minutes out to their
+# hour, day and month, so that the coarser grains cost one row per minute group, not one per event.
 GRAIN_CODES = {"minute": 1, "hour": 2, "day": 3, "month": 4}
 _GRAIN_TYPE = "Enum8(" + ", ".join(f"'{grain}' = {code}" for grain, code in GRAIN_CODES.items()) + ")"
 _FAN_OUT = """ARRAY JOIN [(1, m.minute), (2, toStartOfHour(m.minute)), (3, toStartOfDay(m.minute)),
@@ -163,6 +165,9 @@ VERIFICATION_ROLLUPS = "key_verifications_rollups_v1"
 RATELIMIT_ROLLUPS = "ratelimits_rollups_v1"
 _VERIFICATION_KEYS = "workspace_id, key_space_id, identity_id, external_id, key_id, outcome, tags, source, app_id"
 _RATELIMIT_KEYS = "workspace_id, namespace_id, identifier"
+_VERIFICATION_SUMS = [("count", "count()"), ("spent_credits", "sum(r.spent_credits)")]
+_RATELIMIT_SUMS = [("passed", "countIf(r.passed)"), ("total", "count()"),
+                   ("passed_tokens", "sumIf(r.tokens, r.passed)"), ("total_tokens", "sum(r.tokens)")]
 
 
 def _verification_rollups() -> list[str]:
@@ -192,8 +197,7 @@ CREATE TABLE IF NOT EXISTS {VERIFICATION_ROLLUPS} (
 ORDER BY (grain, workspace_id, time, key_space_id, identity_id, external_id, key_id, outcome, tags, source, app_id)
 TTL {_GRAIN_TTL}
 SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}""",
-        _rollup_feed(VERIFICATION_ROLLUPS, VERIFICATIONS_TABLE, keys,
-                     [("count", "count()"), ("spent_credits", "sum(r.spent_credits)")]),
+        _rollup_feed(VERIFICATION_ROLLUPS, VERIFICATIONS_TABLE, keys, _VERIFICATION_SUMS),
     ]
     return statements + _rollup_aliases("key_verifications", VERIFICATION_ROLLUPS,
                                         "key_space_id, identity_id, external_id, key_id, outcome, tags",
@@ -221,21 +225,23 @@ CREATE TABLE IF NOT EXISTS {RATELIMIT_ROLLUPS} (
 ORDER BY (grain, workspace_id, namespace_id, time, identifier)
 TTL {_GRAIN_TTL}
 SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}""",
-        _rollup_feed(RATELIMIT_ROLLUPS, RATELIMITS_TABLE, keys,
-                     [("passed", "countIf(r.passed)"), ("total", "count()"),
-                      ("passed_tokens", "sumIf(r.tokens, r.passed)"), ("total_tokens", "sum(r.tokens)")]),
+        _rollup_feed(RATELIMIT_ROLLUPS, RATELIMITS_TABLE, keys, _RATELIMIT_SUMS),
     ]
     return statements + _rollup_aliases("ratelimits", RATELIMIT_ROLLUPS, "namespace_id, identifier",
                                         ["passed", "total", "passed_tokens", "total_tokens"])
 
 
 def _rollup_feed(rollups: str, raw: str, keys: str, sums: list[tuple[str, str]]) -> str:
-    """The materialized view from a raw table into its rollups: `sums` are (column, aggregate over
-    the raw rows `r`), summed again from minutes to every grain; the latency states beside them."""
+    """Version 1's materialized view from a raw table into its rollups (dropped by version 3)."""
+    return f"CREATE MATERIALIZED VIEW IF NOT EXISTS {rollups}_mv TO {rollups} AS" + rollup_select(raw, keys, sums, "")
+
+
+def rollup_select(raw: str, keys: str, sums: list[tuple[str, str]], where: str) -> str:
+    """The rollups of the raw rows `r` that `where` selects: `sums` are (column, aggregate over the
+    raw rows), summed again from minutes to every grain; the latency states beside them."""
     inner = "".join(f"\n        {expression} AS {name}," for name, expression in sums)
     outer = "".join(f"\n    toInt64(sum(m.{name})) AS {name}," for name, _ in sums)
     return f"""
-CREATE MATERIALIZED VIEW IF NOT EXISTS {rollups}_mv TO {rollups} AS
 SELECT
     g.1 AS grain, g.2 AS time, {keys},{outer}
     avgMergeState(m.latency_avg) AS latency_avg,
@@ -245,7 +251,7 @@ FROM (
         {_MINUTE} AS minute, {keys},{inner}
         avgState(r.latency) AS latency_avg,
         {_QUANTILES_STATE}(r.latency) AS latency_quantiles
-    FROM {raw} AS r
+    FROM {raw} AS r{where}
     GROUP BY minute, {keys}
 ) AS m
 {_FAN_OUT}
@@ -296,6 +302,65 @@ def _merge_less(client: Any) -> list[str]:
             for table in MERGE_TREE_TABLES]
 
 
+# Version 3, on the embedded chDB: the flusher builds the rollups from ranges of the raw tables'
+# inserts (keysvc.analytics.rollups) and the materialized views go. The raw rows keep their insert's
+# block number (`_block_number`, persisted through merges), which is what the ranges are of; each
+# source's progress starts at the blocks the views have already rolled up. A ClickHouse server keeps
+# the views: several nodes' flushers may insert into it, and block ranges would need them to agree;
+# the views need no agreement, and their CPU is the server's, not the node's.
+ROLLUP_PROGRESS_TABLE = "keysvc_rollup_progress"
+
+
+class RollupSource(NamedTuple):
+    raw: str
+    rollups: str
+    keys: str
+    sums: list[tuple[str, str]]
+
+
+ROLLUP_SOURCES = (
+    RollupSource(VERIFICATIONS_TABLE, VERIFICATION_ROLLUPS, _VERIFICATION_KEYS, _VERIFICATION_SUMS),
+    RollupSource(RATELIMITS_TABLE, RATELIMIT_ROLLUPS, _RATELIMIT_KEYS, _RATELIMIT_SUMS),
+)
+
+
+def max_block_sql(raw: str) -> str:
+    """The newest insert block of a raw table (0 for none)."""
+    return (f"SELECT toUInt64(max(max_block_number)) AS b FROM system.parts WHERE database = currentDatabase() "
+            f"AND table = '{raw}' AND active")
+
+
+def embedded(client: Any) -> bool:
+    """Whether this is the node's own chDB (written by its flusher alone), not a ClickHouse server."""
+    from clickhouse_connect.driver.httpclient import HttpClient
+
+    return not isinstance(client, HttpClient)
+
+
+def _periodic_rollups(client: Any) -> list[str]:
+    if not embedded(client):
+        return []
+    statements = [f"ALTER TABLE {source.raw} MODIFY SETTING enable_block_number_column = 1"
+                  for source in ROLLUP_SOURCES]
+    statements.append(f"""
+CREATE TABLE IF NOT EXISTS {ROLLUP_PROGRESS_TABLE} (
+    source String,
+    done UInt64,
+    planned UInt64,
+    seq UInt64,
+    at DateTime64(6) DEFAULT now64(6)
+) ENGINE = ReplacingMergeTree(seq)
+ORDER BY source""")
+    for source in ROLLUP_SOURCES:
+        # Once per source: a migration run again after a crash finds the row and adds none.
+        statements.append(
+            f"INSERT INTO {ROLLUP_PROGRESS_TABLE} (source, done, planned, seq) "
+            f"SELECT '{source.raw}', b, b, 1 FROM ({max_block_sql(source.raw)}) "
+            f"WHERE (SELECT count() FROM {ROLLUP_PROGRESS_TABLE} WHERE source = '{source.raw}') = 0")
+    statements += [f"DROP VIEW IF EXISTS {source.rollups}_mv" for source in ROLLUP_SOURCES]
+    return statements
+
+
 # (version, statements): append only. Each statement must be safe to run again (a start-up that
 # died half-way through a migration runs it again); a callable gives its statements when the
 # migration runs, from what the ClickHouse it is given knows.
@@ -303,6 +368,7 @@ Statements = list[str] | Callable[[Any], list[str]]
 MIGRATIONS: list[tuple[int, Statements]] = [
     (1, _version_1()),
     (2, _merge_less),
+    (3, _periodic_rollups),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
