@@ -2,8 +2,9 @@
 the analytics query API exposes. Created or migrated by `migrate()` when the flusher starts.
 
     key_verifications_raw_v2, ratelimits_raw_v2       MergeTree, the contract's columns (section 8)
-      -> (the flusher's rollups, keysvc.analytics.rollups: the raw rows of the insert blocks not rolled
-          up yet, every rollup_interval and whenever the spool is empty; progress in keysvc_rollup_progress)
+      -> (embedded chDB: the flusher's rollups, keysvc.analytics.rollups: the raw rows of the insert blocks
+          not rolled up yet, every rollup_interval and whenever the spool is empty; progress in
+          keysvc_rollup_progress. A ClickHouse server: one materialized view per raw table)
       -> key_verifications_rollups_v1, ratelimits_rollups_v1
                                                        AggregatingMergeTree holding the minute, hour, day
                                                        and month grains (count and sums; latency avg and
@@ -17,11 +18,11 @@ the columns the events do not carry (workspace_id, region, source, app_id) take 
 The raw tables keep `non_replicated_deduplication_window`, so that an insert retried with the same
 `insert_deduplication_token` (the flusher's spool range) is dropped by ClickHouse, on a plain
 MergeTree too; the rollup tables too, for a rollup retried over the same range of insert blocks.
-Until version 3 a materialized view per raw table built the rollups inside every insert.
+Until version 3 a materialized view per raw table built the rollups inside every insert; on a
+ClickHouse server it still does (version 3 changes nothing there).
 
 The version reached is recorded in `keysvc_schema_versions`; a later schema change is a new entry
-of MIGRATIONS (its statements idempotent: IF NOT EXISTS, or guarded), applied once in order. On a
-ClickHouse server, version 3 needs one that knows the MergeTree setting `enable_block_number_column`.
+of MIGRATIONS (its statements idempotent: IF NOT EXISTS, or guarded), applied once in order.
 """
 from __future__ import annotations
 
