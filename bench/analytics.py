@@ -301,13 +301,12 @@ def drain_round(tmp: Path, rnd: int, encoded: list[bytes], timeout: float, profi
                 raise BenchError(f"the rollups hold {rolled} of {n} events after {timeout:.0f} s:\n"
                                  f"{log_tail(log_path)}")
             time.sleep(ROLLUP_POLL)
-        t_rolled = time.perf_counter()
+        t_done = time.perf_counter()  # spool empty, every event rolled up
         cpu.append(cpu_seconds(flusher.process.pid))
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
             spy.wait(30)
         t_first, d0 = landed[0]
-        t_empty = t_rolled
         rows = count_rows(data_dir)
         dropped = watch.dropped()
     finally:
@@ -319,8 +318,8 @@ def drain_round(tmp: Path, rnd: int, encoded: list[bytes], timeout: float, profi
     shutil.rmtree(data_dir, ignore_errors=True)
     gaps = [b[0] - a[0] for a, b in zip(landed, landed[1:])]
     per_batch = [(a[1] - b[1]) for a, b in zip(landed, landed[1:])]
-    drain = t_empty - t_first
-    wall = t_empty - t_start
+    drain = t_done - t_first
+    wall = t_done - t_start
     return {
         "fill": fill, "startup_empty": startup_empty, "first": t_first - t_start, "drain": drain,
         "drained": d0, "rate": d0 / drain if drain > 0 else float("inf"), "wall": wall, "wall_rate": n / wall,

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-CHILD = """
-import json, sys
+# What the children below share: the chDB at argv[1], migrated, and raw rows inserted one block each.
+PRELUDE = """
+import itertools, json, sys
 import clickhouse_connect
 from keysvc.analytics import schema
 from keysvc.analytics.rollups import Rollups
@@ -17,14 +18,26 @@ from keysvc.analytics.rollups import Rollups
 client = clickhouse_connect.get_client(interface="chdb", path=sys.argv[1])
 schema.migrate(client)
 raw = schema.VERIFICATIONS_TABLE
+request_ids = itertools.count()
 
 
 def insert(n):
-    for i in range(n):  # one insert, one block, each
+    for _ in range(n):  # one insert, one block, each
+        i = next(request_ids)
         client.command(f"INSERT INTO {raw} (request_id, time, key_space_id, identity_id, external_id, key_id, outcome, "
                        f"spent_credits, latency) VALUES ('req_{i}', toUnixTimestamp64Milli(now64(3)), 'ks_1', '', '', "
                        f"'key_{i % 2}', 'VALID', 1, 0.5)")
+"""
 
+
+def run_child(script: str, *args: str) -> tuple[dict, str]:
+    """(the JSON the child printed last, its stderr); the child must exit 0."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+CHILD = PRELUDE + """
 
 def sums():
     return [int(client.command(f"SELECT sum(count) FROM key_verifications_per_{grain}_v1"))
@@ -38,7 +51,6 @@ class Died(Exception):
 def dying(at):
     # A flusher killed at one step of a rollup: that step and everything after it never happen.
     rollups = Rollups()
-    steps = {"plan": 0, "insert": 0, "done": 0}
     record, command = rollups._record, client.command
 
     class Client:
@@ -77,11 +89,8 @@ print(json.dumps(out))
 
 
 def test_every_row_is_rolled_up_once_also_when_a_rollup_dies_half_way(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "chdb")], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    state = json.loads(out.stdout.strip().splitlines()[-1])
-    # (sources rolled up, the sum of count in the minute, hour, day and month aliases)
+    state, _ = run_child(CHILD, str(tmp_path / "chdb"))
+    # (ranges rolled up, the sum of count in the minute, hour, day and month aliases)
     assert state["first"] == [1, [3, 3, 3, 3]]
     assert state["nothing_new"] == [0, [3, 3, 3, 3]]
     # Died before its plan was recorded: the next run plans the same rows.
@@ -137,27 +146,13 @@ print(json.dumps({"landed_while_failing": landed_while_failing,
 
 
 def test_a_failing_rollup_holds_up_no_batch_and_catches_up_once_it_can(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-c", FLUSHER, str(tmp_path / "data")], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "rolling up the raw tables failed" in out.stderr, out.stderr[-3000:]
-    state = json.loads(out.stdout.strip().splitlines()[-1])
+    state, log = run_child(FLUSHER, str(tmp_path / "data"))
+    assert "rolling up the raw tables failed" in log, log[-3000:]
     assert state == {"landed_while_failing": [80, True], "rolled": 80}
 
 
-RESTART = """
-import json, sys
-import clickhouse_connect
-from keysvc.analytics import schema
-from keysvc.analytics.rollups import Rollups
-
-client = clickhouse_connect.get_client(interface="chdb", path=sys.argv[1])
-schema.migrate(client)
-raw = schema.VERIFICATIONS_TABLE
-for i in range(int(sys.argv[2])):
-    client.command(f"INSERT INTO {raw} (request_id, time, key_space_id, identity_id, external_id, key_id, outcome, "
-                   f"spent_credits, latency) VALUES ('req_{i}', toUnixTimestamp64Milli(now64(3)), 'ks_1', '', '', "
-                   f"'key_1', 'VALID', 1, 0.5)")
+RESTART = PRELUDE + """
+insert(int(sys.argv[2]))
 Rollups().run(client)
 rolled = int(client.command("SELECT sum(count) FROM key_verifications_per_minute_v1"))
 if sys.argv[3] == "empty":  # as a TTL that expired every raw row would leave it
@@ -168,10 +163,8 @@ print(json.dumps({"rolled": rolled, "newest": int(client.command(schema.max_bloc
 
 def test_rows_after_the_raw_tables_block_numbers_restart_are_rolled_up(tmp_path: Path) -> None:
     def step(inserts: int, then: str) -> dict:
-        out = subprocess.run([sys.executable, "-c", RESTART, str(tmp_path / "chdb"), str(inserts), then],
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return {**json.loads(out.stdout.strip().splitlines()[-1]), "log": out.stderr}
+        state, log = run_child(RESTART, str(tmp_path / "chdb"), str(inserts), then)
+        return {**state, "log": log}
 
     assert step(3, "empty")["rolled"] == 3
     # A new process numbers the raw table's blocks from the newest part on disk: there is none.
