@@ -93,18 +93,6 @@ def chdb_query(data_dir: Path, sql: str) -> list[list[Any]]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def flusher_pids(server: Server) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{server.process.pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                if b"keysvc.analytics" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.append(int(child))
-            except FileNotFoundError:
-                pass
-    return found
-
-
 def call(server: Server, path: str, body: dict[str, Any]) -> dict[str, Any]:
     status, payload = server.call(path, body)
     assert status == 200, payload
@@ -263,15 +251,15 @@ def test_a_flusher_killed_mid_batch_is_restarted_and_duplicates_nothing(tmp_path
     marker = tmp_path / "crashed"
     server = start(data_dir, config_file(tmp_path, **FAST), env={CRASH_ENV: f"{point}:{marker}"})
     try:
-        wait_for(lambda: flusher_pids(server), what="the flusher")
-        first = flusher_pids(server)
+        wait_for(lambda: server.flusher_pids(), what="the flusher")
+        first = server.flusher_pids()
         traffic = Traffic(server)
         codes = traffic.verify(200)
         traffic.limit(10)
         wait_for(marker.exists, what="the flusher to kill itself")
         crashed_pid = int(marker.read_text().split()[0])
         assert crashed_pid in first
-        wait_for(lambda: flusher_pids(server) and crashed_pid not in flusher_pids(server),
+        wait_for(lambda: server.flusher_pids() and crashed_pid not in server.flusher_pids(),
                  what="a new flusher")
         wait_for(lambda: outcomes(data_dir) == codes, what="the verifications")
         wait_for(lambda: scalar(data_dir, "SELECT count() FROM ratelimits_v1") == 10, what="the ratelimits")
@@ -347,7 +335,7 @@ def test_sigterm_drains_the_spool_into_clickhouse(tmp_path):
         codes = traffic.verify(150)
         traffic.limit(6)
         assert spool_depth(data_dir) == 156
-        flusher = flusher_pids(server)
+        flusher = server.flusher_pids()
         assert len(flusher) == 1
     finally:
         assert server.stop(timeout=40) == 0
@@ -379,10 +367,10 @@ def test_the_supervisor_restarts_a_flusher_killed_from_outside(tmp_path):
     data_dir = tmp_path / "data"
     server = start(data_dir, config_file(tmp_path, **FAST))
     try:
-        wait_for(lambda: flusher_pids(server), what="the flusher")
-        (pid,) = flusher_pids(server)
+        wait_for(lambda: server.flusher_pids(), what="the flusher")
+        (pid,) = server.flusher_pids()
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: flusher_pids(server) and pid not in flusher_pids(server), what="a new flusher")
+        wait_for(lambda: server.flusher_pids() and pid not in server.flusher_pids(), what="a new flusher")
         codes = Traffic(server).verify(40)
         wait_for(lambda: outcomes(data_dir) == codes, what="the verifications")
         # In the node's log format (JSON, off a terminal), as serve's own lines.
@@ -393,9 +381,16 @@ def test_the_supervisor_restarts_a_flusher_killed_from_outside(tmp_path):
         assert server.stop() == 0
 
 
-def thread_nice(pid: int, tid: int) -> int:
-    # /proc/<pid>/task/<tid>/stat: the 19th field, counted after the parenthesized command name.
-    return int(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+def thread_nices(pid: int) -> dict[int, int]:
+    """{thread id: nice} of a process's threads; a thread that ends while /proc is read is left out."""
+    nices = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            # /proc/<pid>/task/<tid>/stat: the 19th field, counted after the parenthesized command name.
+            nices[int(task.name)] = int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+        except FileNotFoundError:
+            pass
+    return nices
 
 
 def test_the_flusher_works_at_nice_19_but_writes_the_spool_at_the_workers_priority(tmp_path):
@@ -405,12 +400,12 @@ def test_the_flusher_works_at_nice_19_but_writes_the_spool_at_the_workers_priori
     data_dir = tmp_path / "data"
     server = start(data_dir, config_file(tmp_path, **FAST))
     try:
-        wait_for(lambda: flusher_pids(server), what="the flusher")
-        (pid,) = flusher_pids(server)
+        wait_for(lambda: server.flusher_pids(), what="the flusher")
+        (pid,) = server.flusher_pids()
         codes = Traffic(server).verify(20)
         wait_for(lambda: outcomes(data_dir) == codes, what="the verifications")  # batches landed
         workers_nice = os.getpriority(os.PRIO_PROCESS, server.process.pid)
-        nice = {int(tid.name): thread_nice(pid, int(tid.name)) for tid in Path(f"/proc/{pid}/task").iterdir()}
+        nice = thread_nices(pid)
         assert nice[pid] == 19, nice  # the main thread: batches, chDB inserts
         assert list(nice.values()).count(workers_nice) == 1, nice  # the spool's writer
         # The rest at 19, but for chDB's MemoryWorker threads, which raise themselves (root may).

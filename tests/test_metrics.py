@@ -328,7 +328,7 @@ def test_counts_outlive_a_killed_worker(node: Node):
         assert node.server.call("/v2/keys.verifyKey", {"key": keys["VALID"]})[0] == 200
     before = node.scrape()
     starts = value(before, "keysvc_process_starts_total", role="worker")
-    workers = worker_pids(node.server.process.pid)
+    workers = node.server.worker_pids()
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
     deadline = time.monotonic() + 30
@@ -346,7 +346,7 @@ def test_counts_outlive_a_killed_worker(node: Node):
         assert time.monotonic() < deadline, "the killed worker was not replaced"
         time.sleep(0.05)
     assert value(after, "keysvc_process_starts_total", role="worker") == starts + 1
-    assert workers[0] not in worker_pids(node.server.process.pid)
+    assert workers[0] not in node.server.worker_pids()
     for code in ("VALID", "NOT_FOUND", "DISABLED", "USAGE_EXCEEDED"):
         assert value(after, "keysvc_verifications_total", code=code) == value(before, "keysvc_verifications_total",
                                                                               code=code)
@@ -354,19 +354,6 @@ def test_counts_outlive_a_killed_worker(node: Node):
         assert node.server.call("/v2/keys.verifyKey", {"key": keys["VALID"]})[0] == 200
     assert value(node.scrape(), "keysvc_verifications_total", code="VALID") == \
         value(before, "keysvc_verifications_total", code="VALID") + 4
-
-
-def worker_pids(pid: int) -> list[int]:
-    def read(path: Path) -> bytes:
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:  # a thread (a scrape's) or a child that has just ended
-            return b""
-
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in read(task / "children").split()]
-    return [child for child in found if b"keysvc.analytics" not in read(Path(f"/proc/{child}/cmdline"))]
 
 
 # -- without the token, without the listener --------------------------------------------------------------

@@ -15,14 +15,6 @@ import pytest
 from server import Server, free_port
 
 
-def children(pid: int) -> list[int]:
-    """The Granian workers of a `keysvc serve` process (its other child is the analytics flusher)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
-    return [child for child in found if b"keysvc.analytics" not in Path(f"/proc/{child}/cmdline").read_bytes()]
-
-
 def wait_for(predicate, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -94,16 +86,16 @@ def test_http2_and_http1_are_both_served(running):
 def test_a_killed_worker_is_replaced_and_serving_goes_on(running):
     status, body = running.call("/v2/apis.createApi", {"name": "survives"})
     assert status == 200
-    workers = children(running.process.pid)
+    workers = running.worker_pids()
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
-    wait_for(lambda: len(set(children(running.process.pid)) - {workers[0]}) == 2)
+    wait_for(lambda: len(set(running.worker_pids()) - {workers[0]}) == 2)
     for _ in range(20):  # both workers answer, the new one included
         assert running.call("/v2/apis.getApi", {"apiId": body["data"]["apiId"]})[0] == 200
 
 
 def test_sigterm_stops_the_server_gracefully(running):
     assert running.call("/v2/apis.createApi", {"name": "before-stop"})[0] == 200
-    workers = children(running.process.pid)
+    workers = running.worker_pids()
     assert running.stop(timeout=60) == 0  # 0, not killed: Granian stopped its workers and exited
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
